@@ -1,0 +1,52 @@
+# Two commands do all the set-up: `make repro` and `make test` (see README.md).
+SHELL := /bin/bash
+# Inside an active venv we install into it; otherwise into ./.venv.
+ifdef VIRTUAL_ENV
+VENV ?= $(VIRTUAL_ENV)
+else
+VENV ?= .venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.judge3d-installed
+EGL_DEBS := libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri
+BROWSER_DEBS := chromium
+
+.PHONY: setup system-deps browser repro test verify bench report clean-venv
+setup: system-deps $(STAMP)
+
+# Headless EGL (Mesa llvmpipe) for pyrender. Installed when missing and we are root; otherwise
+# a clear message naming the packages.
+system-deps:
+	@missing=""; for p in $(EGL_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing headless EGL:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "judge3d needs the Debian packages:$$missing (headless EGL for pyrender)."; \
+	    echo "Run: sudo apt-get install -y$$missing   then re-run make."; exit 1; fi; fi
+
+# Headless Chromium for the HTML-report test; best effort (the test skips with a message if absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_DEBS) >/dev/null) \
+	  || echo "chromium not installed: the HTML-report browser test will be skipped"; }
+
+$(STAMP): pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+repro: setup
+	$(VENV)/bin/dvc repro
+
+test: setup browser
+	$(VENV)/bin/pytest -q
+
+verify: setup
+	$(VENV)/bin/judge3d verify
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-venv:
+	rm -rf .venv

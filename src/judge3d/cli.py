@@ -1,0 +1,63 @@
+"""The `judge3d` command: reviewer and profile utilities (stages have their own CLIs in stages/)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from judge3d.config import PARAMS_FILE, ParamsError, deep_merge, load_params
+
+PROFILES_DIR = Path("profiles")
+
+
+def apply_profile(name: str, params_path: str | Path = PARAMS_FILE, profiles_dir: str | Path = PROFILES_DIR) -> dict:
+    """Merge ``profiles/<name>.yaml`` into params.yaml (in place) and return the merged params."""
+    profile_path = Path(profiles_dir) / f"{name}.yaml"
+    if not profile_path.is_file():
+        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
+        raise ParamsError(f"profile '{name}' not found at {profile_path}; known profiles: {known}")
+    override = yaml.safe_load(profile_path.read_text()) or {}
+    merged = deep_merge(load_params(params_path), override)
+    Path(params_path).write_text(
+        f"# params.yaml with profile '{name}' applied (judge3d profile apply {name}).\n"
+        + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None)
+    )
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="judge3d", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prof = sub.add_parser("profile", help="apply a parameter profile (mini is the default params.yaml)")
+    prof.add_argument("action", choices=["apply"])
+    prof.add_argument("name", help="profile name: a file profiles/<name>.yaml (tiny, paper)")
+    ver = sub.add_parser("verify", help="recompute every number in metrics/ from the raw verdict logs and manifests")
+    ver.add_argument("--root", default=".", help="repository root")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "profile":
+            apply_profile(args.name)
+            print(f"applied profile '{args.name}' to {PARAMS_FILE}")
+            return 0
+        if args.command == "verify":
+            from judge3d.report.verify import verify_repo
+
+            mismatches = verify_repo(Path(args.root))
+            for line in mismatches:
+                print(f"MISMATCH {line}")
+            if mismatches:
+                print(f"verify: {len(mismatches)} mismatch(es)")
+                return 1
+            print("verify: every number in metrics/ matches the raw logs")
+            return 0
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
