@@ -1,0 +1,357 @@
+"""Per-arm metrics: the evaluation judge's verdicts on (arm output, base output) pairs, the oracle's
+view of the same meshes, and the arm's training probes, in one JSON-ready dict.
+
+Inputs are the raw files only (see :class:`ArmPaths`): the eval-judge log (x = arm, y = base), the
+arm's held-out manifest, the base's held-out manifest of the same regime, and the arm's
+``train_metrics.json``. The stage ``stages/arm_metrics.py`` and ``verify`` both call
+:func:`arm_metrics_from_files`, so a recomputation is the same code path as the original.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from judge3d import stats
+from judge3d.config import ParamsError, require
+from judge3d.io import read_json, read_jsonl
+from judge3d.judges.protocol import summarize
+from judge3d.judges.verdict_log import check_row, read_log
+
+REGIMES = ("clean", "mild", "medium", "severe")
+SEVERITIES = ("mild", "medium", "severe")
+FAMILIES = ("flow", "repair")
+# Rows of the arm manifest are paired with base rows on these fields (same object, regime, seed).
+PAIR_FIELDS = ("object_id", "regime", "seed")
+
+
+# --------------------------------------------------------------------------------------------
+# params
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArmSpec:
+    name: str
+    display: str       # the study table's "Intervention", may hold "{beta}"
+    adapts: str        # what is adapted, e.g. "flow DiT" or "conditioner"
+    regime: str        # clean | mild | medium | severe
+    family: str        # flow | repair
+
+    @property
+    def regime_label(self) -> str:
+        return "clean" if self.regime == "clean" else f"hard ({self.regime})"
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    bar: float
+    n_boot: int
+    seed: int
+    gallery_size: int
+    thumb_px: int
+    arms: dict[str, ArmSpec]
+    oracle_keys: dict[str, str]      # metric name -> manifest field (dotted path allowed)
+    validity_keys: dict[str, str]    # watertight / components / degenerate_faces -> manifest field
+    input_image_key: str
+    train_keys: dict[str, str]       # train_metrics.json field names (dotted path allowed)
+
+
+def report_settings(params: Mapping[str, Any]) -> ReportSettings:
+    """The ``report`` block of params.yaml, checked; errors name the key."""
+    bar = require(params, "report.bar", float, check=lambda v: 0.0 < v <= 1.0)
+    n_boot = require(params, "report.n_boot", int, check=lambda v: v >= 100,
+                     hint="Use >= 100 bootstrap replicates (2000 is the default).")
+    seed = require(params, "report.seed", int)
+    gallery = require(params, "report.gallery_size", int, check=lambda v: v >= 0)
+    thumb = require(params, "report.thumb_px", int, check=lambda v: 16 <= v <= 1024)
+    arms_raw = require(params, "report.arms", dict, check=lambda v: len(v) > 0)
+    arms = {}
+    for name in arms_raw:
+        prefix = f"report.arms.{name}"
+        regime = require(params, f"{prefix}.regime", str, check=lambda v: v in REGIMES, hint=f"One of {REGIMES}.")
+        family = require(params, f"{prefix}.family", str, check=lambda v: v in FAMILIES, hint=f"One of {FAMILIES}.")
+        if family == "repair" and regime not in SEVERITIES:
+            raise ParamsError(f"params.yaml: {prefix}.regime = {regime!r}: a repair arm needs a severity {SEVERITIES}.")
+        arms[str(name)] = ArmSpec(name=str(name), display=require(params, f"{prefix}.display", str),
+                                  adapts=require(params, f"{prefix}.adapts", str), regime=regime, family=family)
+    keys = {}
+    for block in ("oracle", "validity", "train"):
+        node = require(params, f"report.keys.{block}", dict)
+        keys[block] = {str(k): require(params, f"report.keys.{block}.{k}", str) for k in node}
+    if "score" not in keys["oracle"]:
+        raise ParamsError("params.yaml: missing key 'report.keys.oracle.score' (the manifest field of the scalar oracle score).")
+    for k in ("diverged", "fm_mse_before", "fm_mse_after", "feat_mse_before", "feat_mse_after"):
+        if k not in keys["train"]:
+            raise ParamsError(f"params.yaml: missing key 'report.keys.train.{k}' (its train_metrics.json field).")
+    return ReportSettings(bar=bar, n_boot=n_boot, seed=seed, gallery_size=gallery, thumb_px=thumb, arms=arms,
+                          oracle_keys=keys["oracle"], validity_keys=keys["validity"],
+                          input_image_key=require(params, "report.keys.input_image", str), train_keys=keys["train"])
+
+
+def arm_spec(settings: ReportSettings, arm: str) -> ArmSpec:
+    if arm not in settings.arms:
+        raise ParamsError(f"params.yaml: arm {arm!r} has no 'report.arms.{arm}' entry (display, adapts, regime, "
+                          f"family); known: {sorted(settings.arms)}.")
+    return settings.arms[arm]
+
+
+# --------------------------------------------------------------------------------------------
+# paths (one place, shared by the stages, the report and verify)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArmPaths:
+    verdicts: Path
+    manifest: Path
+    base_manifest: Path
+    train_metrics: Path
+    metrics: Path
+
+
+def arm_paths(root: str | Path, arm: str, regime: str) -> ArmPaths:
+    root = Path(root)
+    return ArmPaths(verdicts=root / "data" / "evals" / arm / "verdicts.jsonl",
+                    manifest=root / "data" / "evals" / arm / "manifest.jsonl",
+                    base_manifest=base_manifest_path(root, regime),
+                    train_metrics=root / "data" / "arms" / arm / "train_metrics.json",
+                    metrics=root / "metrics" / "arms" / f"{arm}.json")
+
+
+def base_manifest_path(root: str | Path, regime: str) -> Path:
+    return Path(root) / "data" / "generated" / f"heldout_{regime}" / "manifest.jsonl"
+
+
+def base_montage_manifest_path(root: str | Path, regime: str) -> Path:
+    return Path(root) / "data" / "montages" / f"heldout_{regime}" / "manifest.jsonl"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def field(row: Mapping[str, Any], dotted: str) -> Any:
+    """``row[a][b]`` for ``'a.b'``; None where any part is absent."""
+    node: Any = row
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing / NaN / non-numeric (bool counts as 0/1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def _ci(lo: float, hi: float) -> list[float | None]:
+    return [stats.clean(lo), stats.clean(hi)]
+
+
+def check_log_rows(rows: Sequence[Mapping[str, Any]], source: str) -> list[str]:
+    """``verdict_log.check_row`` over a log: one line per bad row (tampered p_first/verdict/key)."""
+    problems = []
+    for i, row in enumerate(rows):
+        for problem in check_row(dict(row)):
+            problems.append(f"{source} row {i + 1} (pair {row.get('pair_id')}, order {row.get('order')}): {problem}")
+    return problems
+
+
+def pair_manifests(arm_rows: Sequence[Mapping[str, Any]], base_rows: Sequence[Mapping[str, Any]],
+                   regime: str, arm: str) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(arm row, base row) per arm mesh, matched on object, regime and seed; sorted by object id."""
+    if not arm_rows:
+        raise ValueError(f"arm {arm}: its held-out manifest is empty; run judge-eval@{arm}.")
+    for name, rows in (("arm", arm_rows), ("base", base_rows)):
+        bad = sorted({str(r.get("regime")) for r in rows} - {regime})
+        if bad:
+            raise ValueError(f"arm {arm}: the {name} manifest holds regime(s) {bad}, expected only {regime!r}; "
+                             f"check report.arms.{arm}.regime against the arm's params.")
+    base_by_key: dict[tuple, Mapping[str, Any]] = {}
+    for r in base_rows:
+        key = tuple(r.get(k) for k in PAIR_FIELDS)
+        if key in base_by_key:
+            raise ValueError(f"base manifest ({regime}): two rows for (object, regime, seed) = {key}.")
+        base_by_key[key] = r
+    pairs, seen = [], set()
+    for r in arm_rows:
+        key = tuple(r.get(k) for k in PAIR_FIELDS)
+        if key in seen:
+            raise ValueError(f"arm {arm}: two manifest rows for (object, regime, seed) = {key}.")
+        seen.add(key)
+        if key not in base_by_key:
+            raise ValueError(f"arm {arm}: mesh for (object, regime, seed) = {key} has no base output with the same "
+                             f"object, regime and seed in the base held-out manifest; rerun generate / judge-eval@{arm}.")
+        pairs.append((r, base_by_key[key]))
+    return sorted(pairs, key=lambda ab: (str(ab[0].get("object_id")), str(ab[0].get("seed"))))
+
+
+def _paired_delta(pairs, key: str, settings: ReportSettings, kind: str) -> dict[str, Any]:
+    """Mean arm − base of one manifest field over paired meshes, with a bootstrap CI over objects.
+
+    Pairs where either side lacks the value are left out and counted in ``n_missing`` (flagged in
+    the table), never imputed.
+    """
+    a, b, groups = [], [], []
+    missing = 0
+    for arm_row, base_row in pairs:
+        va, vb = _number(field(arm_row, key)), _number(field(base_row, key))
+        if va is None or vb is None:
+            missing += 1
+            continue
+        a.append(va)
+        b.append(vb)
+        groups.append(str(arm_row.get("object_id")))
+    out: dict[str, Any] = {"field": key, "n": len(a), "n_missing": missing}
+    if not a:
+        out.update({"delta": None, "delta_ci": [None, None], "arm_mean": None, "base_mean": None})
+        return out
+    delta, lo, hi = stats.paired_diff_ci(a, b, groups, n_boot=settings.n_boot, seed=settings.seed)
+    out.update({"delta": stats.clean(delta), "delta_ci": _ci(lo, hi),
+                "arm_mean": stats.clean(float(np.mean(a))), "base_mean": stats.clean(float(np.mean(b)))})
+    if kind == "share":
+        out["unit"] = "share"
+    return out
+
+
+def oracle_win(pairs, score_key: str, settings: ReportSettings) -> dict[str, Any]:
+    """How often the arm's mesh is truly better than the base's by the oracle score.
+
+    ``rate`` = wins / n (ties count as not a win, like the judge's strict rate); ties and losses
+    are reported next to it. Pairs missing a score on either side are counted in ``n_missing``.
+    """
+    outcomes, groups = [], []
+    missing = 0
+    for arm_row, base_row in pairs:
+        va, vb = _number(field(arm_row, score_key)), _number(field(base_row, score_key))
+        if va is None or vb is None:
+            missing += 1
+            continue
+        outcomes.append(1 if va > vb else (-1 if va < vb else 0))
+        groups.append(str(arm_row.get("object_id")))
+    out: dict[str, Any] = {"n": len(outcomes), "n_missing": missing,
+                           "wins": sum(o == 1 for o in outcomes), "losses": sum(o == -1 for o in outcomes),
+                           "ties": sum(o == 0 for o in outcomes)}
+    if not outcomes:
+        out.update({"rate": None, "rate_ci": [None, None]})
+        return out
+    rate, lo, hi = stats.mean_ci([float(o == 1) for o in outcomes], groups, n_boot=settings.n_boot, seed=settings.seed)
+    out.update({"rate": stats.clean(rate), "rate_ci": _ci(lo, hi)})
+    return out
+
+
+def _train_block(train: Mapping[str, Any], spec: ArmSpec, settings: ReportSettings) -> dict[str, Any]:
+    keys = settings.train_keys
+    src = f"data/arms/{spec.name}/train_metrics.json"
+
+    def get(name: str, required: bool) -> Any:
+        value = field(train, keys[name]) if name in keys else None
+        if required and value is None:
+            raise ValueError(f"{src}: no {keys.get(name, name)!r} (report.keys.train.{name}); the train-adapter@"
+                             f"{spec.name} stage must record it.")
+        return value
+
+    severity = train.get("severity")
+    if severity is not None and severity != spec.regime:
+        raise ValueError(f"{src}: the arm was trained for severity {severity!r} but report.arms.{spec.name}.regime "
+                         f"is {spec.regime!r}; make them agree in params.yaml.")
+    diverged = get("diverged", True)
+    if not isinstance(diverged, bool):
+        raise ValueError(f"{src}: {keys['diverged']!r} must be true/false, got {diverged!r}.")
+    out: dict[str, Any] = {"diverged": diverged}
+    is_repair = spec.family == "repair"
+    for name in ("fm_mse_before", "fm_mse_after", "feat_mse_before", "feat_mse_after"):
+        required = (name.startswith("feat") and is_repair) or (name.startswith("fm") and not is_repair)
+        # a diverged run may end with a non-finite probe, which JSON stores as null
+        required = required and not (name == "fm_mse_after" and diverged)
+        value = get(name, required)
+        number = _number(value)
+        if value is not None and number is None and not (name == "fm_mse_after" and diverged):
+            raise ValueError(f"{src}: {keys[name]!r} = {value!r} is not a finite number.")
+        out[name] = stats.clean(number) if number is not None else None
+    for name in sorted(set(keys) - set(out) - {"diverged"}):
+        value = field(train, keys[name])
+        number = _number(value) if not isinstance(value, bool) else None
+        out[name] = stats.clean(number) if number is not None else (value if isinstance(value, (bool, str)) else None)
+    return out
+
+
+def display_name(spec: ArmSpec, train_block: Mapping[str, Any]) -> str:
+    """The arm's table label; ``{beta}`` is filled from the arm's recorded β (so a β change shows)."""
+    if "{beta}" not in spec.display:
+        return spec.display
+    beta = train_block.get("beta")
+    if beta is None:
+        raise ValueError(f"report.arms.{spec.name}.display uses {{beta}} but data/arms/{spec.name}/train_metrics.json "
+                         "records no beta (report.keys.train.beta).")
+    return spec.display.replace("{beta}", f"{beta:g}")
+
+
+# --------------------------------------------------------------------------------------------
+# the metrics
+# --------------------------------------------------------------------------------------------
+def arm_metrics(verdict_rows: Sequence[Mapping[str, Any]], arm_manifest: Sequence[Mapping[str, Any]],
+                base_manifest: Sequence[Mapping[str, Any]], train_metrics: Mapping[str, Any],
+                params: Mapping[str, Any], arm: str) -> dict[str, Any]:
+    """Every number of one arm's study-table row (see module doc). Deterministic in its inputs."""
+    settings = report_settings(params)
+    spec = arm_spec(settings, arm)
+    if not verdict_rows:
+        raise ValueError(f"arm {arm}: the eval-judge log holds no rows; run judge-eval@{arm}.")
+    bad = check_log_rows(verdict_rows, f"data/evals/{arm}/verdicts.jsonl")
+    if bad:
+        raise ValueError(f"arm {arm}: the verdict log fails its own checks (edited or corrupt rows):\n  "
+                         + "\n  ".join(bad[:10]))
+    pairs = pair_manifests(arm_manifest, base_manifest, spec.regime, arm)
+    manifest_objects = {str(a.get("object_id")) for a, _ in pairs}
+    judged_objects = {str(r["object_id"]) for r in verdict_rows}
+    extra = sorted(judged_objects - manifest_objects)
+    if extra:
+        raise ValueError(f"arm {arm}: the verdict log judges objects not in the arm's manifest: {extra[:5]}; "
+                         f"log and manifest come from different runs of judge-eval@{arm}.")
+
+    judge = summarize([dict(r) for r in verdict_rows], n_boot=settings.n_boot, seed=settings.seed)
+    train = _train_block(train_metrics, spec, settings)
+    diverged = train["diverged"]
+    strict = judge["strict"]
+
+    out: dict[str, Any] = {
+        "arm": arm, "display": display_name(spec, train), "adapts": spec.adapts, "regime": spec.regime,
+        "family": spec.family, "judge_id": verdict_rows[0]["judge_id"],
+        "n_manifest": len(pairs), "n_unjudged": len(manifest_objects - judged_objects),
+        **judge,
+        "bar": settings.bar,
+        # A diverged arm never meets the bar, whatever the judge says (DESIGN §4).
+        "meets_bar": bool(strict is not None and strict >= settings.bar and not diverged),
+        "diverged": diverged,
+        "geom": {name: _paired_delta(pairs, key, settings, "mean") for name, key in sorted(settings.oracle_keys.items())},
+        "validity": {name: _paired_delta(pairs, key, settings, "share" if name == "watertight" else "mean")
+                     for name, key in sorted(settings.validity_keys.items())},
+        "oracle_win": oracle_win(pairs, settings.oracle_keys["score"], settings),
+        "train": train,
+    }
+    return out
+
+
+def load_arm_inputs(root: str | Path, arm: str, params: Mapping[str, Any]):
+    """(verdict rows, arm manifest, base manifest, train metrics) from the repo's raw files."""
+    spec = arm_spec(report_settings(params), arm)
+    paths = arm_paths(root, arm, spec.regime)
+    for path, fix in ((paths.manifest, f"run judge-eval@{arm} (or dvc pull)"),
+                      (paths.base_manifest, "run the generate stage (or dvc pull)"),
+                      (paths.train_metrics, f"run train-adapter@{arm} (or dvc pull)")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {fix}.")
+    rows = read_log(paths.verdicts)
+    return rows, read_jsonl(paths.manifest), read_jsonl(paths.base_manifest), read_json(paths.train_metrics)
+
+
+def arm_metrics_from_files(root: str | Path, arm: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    rows, manifest, base, train = load_arm_inputs(root, arm, params)
+    return arm_metrics(rows, manifest, base, train, params, arm)
