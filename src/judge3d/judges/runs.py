@@ -1,0 +1,106 @@
+"""Drivers of the `judge-train-labels` and `calibrate` stages (the stage CLIs only load judges and call these).
+
+Each driver takes ready backends (the hf judge, or a fake one in tests), judges its pairs through
+:func:`judge3d.judges.protocol.run_pairs` (resumable: logged queries are not asked again) and
+writes its raw logs, derived files and metrics. Metrics come from
+:mod:`judge3d.report.judge_metrics`, the same functions ``verify`` runs on the cached logs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from judge3d.config import require
+from judge3d.io import read_jsonl, write_json, write_jsonl
+from judge3d.judges.pairing import (base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs, kept_pairs,
+                                    train_label_pairs)
+from judge3d.judges.protocol import Backend, pair_verdicts, run_pairs
+from judge3d.report.judge_metrics import (calibration_metrics, flip_vs_gap_csv_rows,
+                                          labels_metrics)
+
+LABELS_LOG = "verdicts.jsonl"
+IID_LOG = "iid_verdicts.jsonl"
+TRAIN_PAIRS = "train_pairs.jsonl"
+TRAIN_CLEAR_GAP_LOG = "train_clear_gap.jsonl"
+PLOT_COLUMNS = ("bin", "gap_lo", "gap_hi", "gap_mid", "mean_gap", "n", "flips", "flip_rate", "flip_rate_lo",
+                "flip_rate_hi")
+
+
+def batch_size(params: Mapping[str, Any], block: str) -> int:
+    return require(params, f"{block}.batch_size", int, check=lambda v: v >= 1)
+
+
+def run_judge_train_labels(backend: Backend, montage_manifest: str | Path, out_dir: str | Path,
+                           metrics_path: str | Path, params: Mapping[str, Any], prompt: str,
+                           show_progress: bool = True) -> dict[str, Any]:
+    """Training judge on every (high, low) train pair and every i.i.d. pair, both orders.
+
+    Writes <out_dir>/verdicts.jsonl, iid_verdicts.jsonl (raw logs), train_pairs.jsonl (the
+    swap-consistent pairs as winner/loser rows) and ``metrics_path``; returns the metrics.
+    """
+    out_dir = Path(out_dir)
+    rows = read_jsonl(montage_manifest)
+    source = str(montage_manifest)
+    bs = batch_size(params, "labels")
+    label_rows = run_pairs(backend, train_label_pairs(rows, source=source), out_dir / LABELS_LOG, prompt, bs,
+                           show_progress=show_progress)
+    iid_rows = run_pairs(backend, iid_pairs(rows, source=source), out_dir / IID_LOG, prompt, bs,
+                         show_progress=show_progress)
+    write_jsonl(out_dir / TRAIN_PAIRS, kept_pairs(pair_verdicts(label_rows), rows))
+    metrics = labels_metrics(label_rows, iid_rows, params)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def calibration_pairs(montages_dir: str | Path, severities: Sequence[str]) -> dict[str, list]:
+    """Control name -> pairs, from <montages_dir>/heldout_clean and heldout_<severity> manifests."""
+    montages_dir = Path(montages_dir)
+    clean_path = montages_dir / "heldout_clean" / "manifest.jsonl"
+    clean = read_jsonl(clean_path)
+    pairs = {"clear_gap": clear_gap_pairs(clean, source=str(clean_path))}
+    for severity in severities:
+        sev_path = montages_dir / f"heldout_{severity}" / "manifest.jsonl"
+        pairs[f"headroom_{severity}"] = headroom_pairs(clean, read_jsonl(sev_path), severity,
+                                                       clean_source=str(clean_path), degraded_source=str(sev_path))
+    pairs["base_vs_base"] = base_vs_base_pairs(clean, source=str(clean_path))
+    return pairs
+
+
+def plot_csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """metrics/plots/flip_vs_gap.csv as text (verify compares it byte for byte)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PLOT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in PLOT_COLUMNS})
+    return buf.getvalue()
+
+
+def write_plot_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plot_csv_text(rows))
+
+
+def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: str | Path, out_dir: str | Path,
+                  metrics_path: str | Path, plot_path: str | Path, params: Mapping[str, Any], prompt: str,
+                  show_progress: bool = True) -> dict[str, Any]:
+    """Eval judge on every control (clear-gap, headroom per severity, base-vs-base); training judge on
+    the clear-gap pairs (for kappa). Logs: <out_dir>/eval_<control>.jsonl and train_clear_gap.jsonl."""
+    out_dir = Path(out_dir)
+    severities = require(params, "calibrate.severities", list,
+                         check=lambda v: all(s in ("mild", "medium", "severe") for s in v),
+                         hint="A list of severities from mild, medium, severe.")
+    bs = batch_size(params, "calibrate")
+    pairs = calibration_pairs(montages_dir, severities)
+    eval_rows = {name: run_pairs(eval_backend, control_pairs, out_dir / f"eval_{name}.jsonl", prompt, bs,
+                                 show_progress=show_progress)
+                 for name, control_pairs in pairs.items()}
+    train_rows = run_pairs(train_backend, pairs["clear_gap"], out_dir / TRAIN_CLEAR_GAP_LOG, prompt, bs,
+                           show_progress=show_progress)
+    metrics = calibration_metrics(eval_rows, train_rows, params)
+    write_json(metrics_path, metrics)
+    write_plot_csv(plot_path, flip_vs_gap_csv_rows(metrics))
+    return metrics

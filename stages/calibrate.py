@@ -1,0 +1,56 @@
+"""Stage `calibrate`: the evaluation judge's controls on held-out base outputs, both orders.
+
+clear-gap (high vs low budget, clean input), headroom per severity (clean vs degraded input, default
+budget, same seed), base-vs-base (seeds s0 vs s1); the training judge on the clear-gap pairs for
+Cohen's kappa. Outputs: <out-dir>/eval_<control>.jsonl + train_clear_gap.jsonl (raw logs; a rerun
+asks only unlogged queries), the metrics JSON (pass/fail vs params thresholds) and the flip-rate vs
+|oracle gap| plot data. Params: calibrate.*, judge.*, judges.{train,eval}.model.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--montages-dir", default="data/montages",
+                        help="holds heldout_clean/ and heldout_<severity>/ montage manifests (render stage)")
+    parser.add_argument("--eval-judge", default=None, help="default: params judges.eval.model")
+    parser.add_argument("--train-judge", default=None, help="default: params judges.train.model")
+    parser.add_argument("--out-dir", default="data/calibration")
+    parser.add_argument("--metrics", default="metrics/calibration.json")
+    parser.add_argument("--plot", default="metrics/plots/flip_vs_gap.csv")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from judge3d.config import load_params, require
+    from judge3d.judges.hf import HFJudge
+    from judge3d.judges.runs import run_calibrate
+    from judge3d.seeding import seed_everything
+
+    params = load_params()
+    seed_everything(require(params, "seed", int))
+    prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
+    load = dict(dtype=require(params, "judge.dtype", str), device=require(params, "judge.device", str),
+                attn_implementation=require(params, "judge.attn_implementation", str),
+                batch_size=require(params, "judge.batch_size", int, check=lambda v: v >= 1))
+    eval_judge = HFJudge.load(args.eval_judge or require(params, "judges.eval.model", str), **load)
+    train_judge = HFJudge.load(args.train_judge or require(params, "judges.train.model", str), **load)
+    m = run_calibrate(eval_judge, train_judge, args.montages_dir, args.out_dir, args.metrics, args.plot, params,
+                      prompt, show_progress=not args.no_progress)
+    cg, bvb = m["clear_gap"], m["base_vs_base"]
+    print(f"calibrate [{m['eval_judge_id']}]: clear-gap strict {cg['strict']} {cg['strict_wilson_ci']} "
+          f"({'PASS' if cg['pass'] else 'FAIL'} {cg['criterion']}); base-vs-base decisive {bvb['decisive']} "
+          f"{bvb['decisive_ci']} flip {bvb['flip_rate']} ({'PASS' if bvb['pass'] else 'FAIL'} {bvb['criterion']})")
+    for severity, h in m["headroom"].items():
+        print(f"  headroom {severity}: strict {h['strict']} {h['strict_wilson_ci']} flip {h['flip_rate']}")
+    a = m["agreement"]
+    print(f"  kappa(train, eval) on clear-gap: {a['kappa']} {a['kappa_ci']}; judge-oracle agreement "
+          f"{m['judge_oracle_agreement']}; flip~gap r {m['flip_vs_gap']['correlation']['r']}; "
+          f"passed: {m['passed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
