@@ -25,18 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from judge3d.config import load_params, require
-    from judge3d.judges.hf import HFJudge
-    from judge3d.judges.runs import run_calibrate
+    from judge3d.judges.runs import load_judge, run_calibrate
     from judge3d.seeding import seed_everything
 
     params = load_params()
     seed_everything(require(params, "seed", int))
     prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
-    load = dict(dtype=require(params, "judge.dtype", str), device=require(params, "judge.device", str),
-                attn_implementation=require(params, "judge.attn_implementation", str),
-                batch_size=require(params, "judge.batch_size", int, check=lambda v: v >= 1))
-    eval_judge = HFJudge.load(args.eval_judge or require(params, "judges.eval.model", str), **load)
-    train_judge = HFJudge.load(args.train_judge or require(params, "judges.train.model", str), **load)
+    eval_judge = load_judge(params, "eval", args.eval_judge)
+    train_judge = load_judge(params, "train", args.train_judge)
     m = run_calibrate(eval_judge, train_judge, args.montages_dir, args.out_dir, args.metrics, args.plot, params,
                       prompt, show_progress=not args.no_progress)
     cg, bvb = m["clear_gap"], m["base_vs_base"]

@@ -22,17 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from judge3d.config import load_params, require
-    from judge3d.judges.hf import HFJudge
-    from judge3d.judges.runs import run_judge_train_labels
+    from judge3d.judges.runs import load_judge, run_judge_train_labels
     from judge3d.seeding import seed_everything
 
     params = load_params()
     seed_everything(require(params, "seed", int))
     prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
-    judge = HFJudge.load(args.judge or require(params, "judges.train.model", str),
-                         dtype=require(params, "judge.dtype", str), device=require(params, "judge.device", str),
-                         attn_implementation=require(params, "judge.attn_implementation", str),
-                         batch_size=require(params, "judge.batch_size", int, check=lambda v: v >= 1))
+    judge = load_judge(params, "train", args.judge)
     m = run_judge_train_labels(judge, args.montages, args.out_dir, args.metrics, params, prompt,
                                show_progress=not args.no_progress)
     print(f"judge-train-labels [{m['judge_id']}]: strict high>low {m['strict_win_high_over_low']} "

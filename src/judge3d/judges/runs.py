@@ -104,3 +104,14 @@ def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: s
     write_json(metrics_path, metrics)
     write_plot_csv(plot_path, flip_vs_gap_csv_rows(metrics))
     return metrics
+
+
+def load_judge(params: Mapping[str, Any], role: str, model: str | None = None):
+    """The hf judge of ``role`` ('train' | 'eval') with dtype/device/attention/batch from params ``judge.*``."""
+    from judge3d.judges.hf import HFJudge
+
+    return HFJudge.load(
+        model or require(params, f"judges.{role}.model", str),
+        dtype=require(params, "judge.dtype", str), device=require(params, "judge.device", str),
+        attn_implementation=require(params, "judge.attn_implementation", str),
+        batch_size=require(params, "judge.batch_size", int, check=lambda v: v >= 1))

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 
 from judge3d.config import ParamsError, require
 from judge3d.seeding import derive_seed
-from judge3d.world.voxel import points_inside, voxelize
+from judge3d.world.voxel import points_inside, voxelize, z_crossings
 
 # Worst Chamfer-L1: the diagonal of the canonical cube; every Chamfer value is clipped to it so
 # an empty mesh is never beaten by a wild one.
@@ -129,10 +129,14 @@ class _BodyIndex:
         hi = np.stack([tri[c].reshape(-1, 3).max(axis=0) for c in components])
         overlap = np.all((lo[:, None] <= hi[None]) & (hi[:, None] >= lo[None]), axis=2)
         np.fill_diagonal(overlap, False)
+        # Every overlapping body with its bbox: the general test checks a point only against the
+        # bodies whose bbox holds it (a union test per body, not one ray cast over the whole mesh).
+        self.bodies: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for i, c in enumerate(components):
             if not overlap[i].any():
                 continue
             self.suspect[c] = True
+            self.bodies.append((lo[i], hi[i], tri[c]))
             if self.convex_bodies is None:
                 continue
             body = trimesh.Trimesh(vertices, faces[c], process=True)
@@ -147,10 +151,24 @@ class _BodyIndex:
         """True where a surface point has solid on both sides (a face inside another body)."""
         outer = points + _BURIED_EPS * normals
         if self.convex_bodies is None:
-            both = points_inside(self.mesh, np.concatenate([outer, points - _BURIED_EPS * normals]))
+            both = self._inside_body_union(np.concatenate([outer, points - _BURIED_EPS * normals]))
             return both[: len(points)] & both[len(points):]
         # The inner side of a face of a convex body is inside that body, so only the outer side is open.
         return self._inside_convex_union(outer)
+
+    def _inside_body_union(self, points: np.ndarray) -> np.ndarray:
+        """Non-zero winding per body, OR-ed: equal to the whole mesh's winding test for closed,
+        outward-oriented bodies, and far cheaper since each body sees only the points in its bbox."""
+        inside = np.zeros(len(points), dtype=bool)
+        for lo, hi, tri in self.bodies:
+            idx = np.flatnonzero(np.all((points >= lo) & (points <= hi), axis=1) & ~inside)
+            if len(idx):
+                col, z, sign = z_crossings(tri, points[idx, :2])
+                above = z > points[idx[col], 2]
+                winding = np.zeros(len(idx), dtype=np.int64)
+                np.add.at(winding, col[above], sign[above].astype(np.int64))
+                inside[idx] = winding != 0
+        return inside
 
     def _inside_convex_union(self, points: np.ndarray) -> np.ndarray:
         inside = np.zeros(len(points), dtype=bool)
@@ -173,8 +191,11 @@ def surface_samples(mesh: trimesh.Trimesh, count: int, seed: int) -> tuple[np.nd
     valid = np.isfinite(area2) & (area2 > _DEGENERATE_AREA)
     if not np.any(valid):
         return np.zeros((0, 3)), np.zeros((0, 3))
-    bodies = _BodyIndex(mesh)
-    suspect = bodies.suspect[valid]
+    if mesh.metadata.get("level_set"):  # a decoded iso-surface has no buried faces (voxel.occupancy_to_mesh)
+        bodies, suspect = None, np.zeros(int(valid.sum()), dtype=bool)
+    else:
+        bodies = _BodyIndex(mesh)
+        suspect = bodies.suspect[valid]
     tri, cross, area2 = tri[valid], cross[valid], area2[valid]
     normals = cross / area2[:, None]
     rng = np.random.default_rng(seed)

@@ -177,6 +177,9 @@ def occupancy_to_mesh(grid: np.ndarray, level: float = 0.5, upsample: int = 2) -
     if mesh.is_watertight and mesh.volume < 0:
         mesh.invert()
     mesh.metadata["decode_flags"] = flags
+    # One iso-surface of one field bounds its solid exactly: no face can lie inside the solid,
+    # so the oracle may skip its buried-face test (geometry.surface_samples).
+    mesh.metadata["level_set"] = True
     if len(mesh.faces) == 0:
         flags["empty"] = True
         return _empty_mesh(flags)

@@ -1,0 +1,69 @@
+"""train-adapter@<arm>: train one specialization arm; adapter -> models/arms/<arm>, metrics ->
+data/arms/<arm>/train_metrics.json, curves -> dvclive/train_adapter/<arm>."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arm", help="an arm name under `arms` in params.yaml")
+    ap.add_argument("--base", default="models/base", help="base generator folder (pretrain-base)")
+    ap.add_argument("--world", default="data/world/manifest.jsonl", help="world manifest (data)")
+    ap.add_argument("--pairs", default="data/labels/train_pairs.jsonl", help="judged pairs (judge-train-labels)")
+    ap.add_argument("--generated", default="data/generated/train/manifest.jsonl", help="train mesh set (generate)")
+    ap.add_argument("--degraded-dir", default="data/degraded", help="holds <severity>/manifest.jsonl (degrade)")
+    ap.add_argument("--out", default=None, help="adapter folder (default models/arms/<arm>)")
+    ap.add_argument("--metrics", default=None, help="default data/arms/<arm>/train_metrics.json")
+    ap.add_argument("--live-dir", default=None, help="default dvclive/train_adapter/<arm>")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--print-params", action="store_true",
+                    help="print the params keys this arm reads (its dvc.yaml `params:` list) and exit")
+    ap.add_argument("--print-dvc-stage", action="store_true",
+                    help="print the train-adapter stage for dvc.yaml (every arm's params and deps) and exit")
+    args = ap.parse_args()
+
+    from judge3d.adapt.train import ArmPaths, arm_spec, check_dvc_params, dvc_stanza, run_arm
+    from judge3d.config import load_params
+    from judge3d.io import write_json
+
+    params = load_params()
+    paths = ArmPaths(base=args.base, world=args.world, pairs=args.pairs, generated=args.generated,
+                     degraded_dir=args.degraded_dir)
+    if args.print_dvc_stage:
+        print(dvc_stanza(params, paths), end="")
+        return
+    if not args.arm:
+        ap.error("--arm is required")
+    spec = arm_spec(params, args.arm)
+    if args.print_params:
+        print("\n".join(f"- {k}" for k in spec.param_keys))
+        return
+    check_dvc_params(spec)
+    out = Path(args.out or f"models/arms/{args.arm}")
+    metrics_path = Path(args.metrics or f"data/arms/{args.arm}/train_metrics.json")
+    live_dir = args.live_dir or f"dvclive/train_adapter/{args.arm}"
+
+    from dvclive import Live
+
+    resuming = (out / ".checkpoint" / "state.pt").is_file()
+    # dvcyaml=False: plots are declared in dvc.yaml by hand; dvclive must not rewrite it.
+    with Live(dir=live_dir, save_dvc_exp=False, dvcyaml=False, report=None, resume=resuming) as live:
+        def log_step(step: int, values: dict[str, float]) -> None:
+            for name, value in values.items():
+                live.log_metric(f"train/{name}", value)
+            live.next_step()
+
+        metrics = run_arm(params, args.arm, out, paths, log_step=log_step, device=args.device)
+        live.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) and v is not None})
+    write_json(metrics_path, metrics)
+    probe = (f"FM-MSE {metrics['fm_mse_before']:.4g} -> {metrics['fm_mse_after']:.4g}"
+             if "fm_mse_before" in metrics else
+             f"feat-MSE {metrics['feat_mse_before']:.4g} -> {metrics['feat_mse_after']:.4g}")
+    flag = "  DIVERGED" if metrics["diverged"] else ""
+    print(f"train-adapter@{args.arm}: {probe} in {metrics['wall_s']:.1f} s -> {out}{flag}")
+
+
+if __name__ == "__main__":
+    main()
