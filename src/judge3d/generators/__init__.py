@@ -1,0 +1,17 @@
+"""Image-to-3D generators behind one interface (:class:`Generator`): the mini-world model, later TRELLIS."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from judge3d.generators.base import Generator, read_config, resolve_device
+
+__all__ = ["Generator", "load_generator", "resolve_device"]
+
+
+def load_generator(path: str | Path, device: str = "auto") -> Generator:
+    """Load a saved generator folder, dispatching on its config's ``backend``."""
+    backend = read_config(path).get("backend")
+    if backend == "mini":
+        from judge3d.generators.mini import MiniGenerator
+        return MiniGenerator.load(path, device=device)
+    raise ValueError(f"{Path(path) / 'config.json'}: unknown generator backend {backend!r} (known: 'mini')")

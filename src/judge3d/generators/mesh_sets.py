@@ -1,0 +1,187 @@
+"""Mesh sets: which (object, input regime, budget, seed) candidates a set holds, and producing them.
+
+A set is defined in params ``generate.sets.<name>`` (split, regime, entries of budget/n_objects/n_seeds);
+budgets in ``sampler.budgets``. The noise seed of a candidate depends only on (params seed, object,
+seed index), never on the set, budget or batch, so an arm that regenerates a held-out output with
+the same seed index starts from the very same noise as the base did.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from judge3d.config import ParamsError, require
+from judge3d.generators.base import Generator
+from judge3d.generators.pretrain import load_image
+from judge3d.io import JsonlAppender, read_jsonl, write_jsonl
+from judge3d.seeding import derive_seed
+
+REGIMES = ("clean", "mild", "medium", "severe")
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    steps: int
+    cfg_strength: float
+    cfg_interval: tuple[float, float]
+    rescale_t: float
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        return {"steps": self.steps, "cfg_strength": self.cfg_strength,
+                "cfg_interval": self.cfg_interval, "rescale_t": self.rescale_t}
+
+
+def load_budgets(params: dict[str, Any]) -> dict[str, Budget]:
+    interval = require(params, "sampler.cfg_interval", list,
+                       check=lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1,
+                       hint="two numbers lo <= hi in [0, 1], e.g. [0.5, 1.0]")
+    rescale = require(params, "sampler.rescale_t", float, check=lambda v: v > 0)
+    budgets = {}
+    for name in require(params, "sampler.budgets", dict):
+        budgets[name] = Budget(
+            name=name,
+            steps=require(params, f"sampler.budgets.{name}.steps", int, check=lambda v: v >= 1),
+            cfg_strength=require(params, f"sampler.budgets.{name}.cfg_strength", float, check=lambda v: v >= 0),
+            cfg_interval=(float(interval[0]), float(interval[1])), rescale_t=rescale)
+    return budgets
+
+
+def candidate_seed(base_seed: int, object_id: str, seed_index: int) -> int:
+    return derive_seed(base_seed, "generate", object_id, seed_index)
+
+
+@dataclass(frozen=True)
+class Job:
+    object_id: str
+    category: str
+    split: str
+    regime: str
+    budget: Budget
+    seed_index: int
+    seed: int
+    image_path: str
+    mesh_path_gt: str
+    voxel_path_gt: str
+
+    @property
+    def candidate(self) -> str:
+        return f"{self.object_id}__{self.regime}__{self.budget.name}__s{self.seed_index}"
+
+
+def regime_images(regime: str, degraded_dir: str | Path) -> dict[str, str] | None:
+    """object_id -> degraded input image for a hard regime (None for clean: the world's own image)."""
+    if regime == "clean":
+        return None
+    return {r["object_id"]: r["image_path"] for r in read_jsonl(Path(degraded_dir) / regime / "manifest.jsonl")}
+
+
+def plan_set(params: dict[str, Any], set_name: str, world_rows: list[dict[str, Any]],
+             degraded_dir: str | Path = "data/degraded") -> list[Job]:
+    key = f"generate.sets.{set_name}"
+    require(params, key, dict, hint="define the set under generate.sets in params.yaml")
+    split = require(params, f"{key}.split", str)
+    regime = require(params, f"{key}.regime", str, check=lambda v: v in REGIMES, hint=f"one of {REGIMES}")
+    entries = require(params, f"{key}.entries", list, check=lambda v: len(v) > 0)
+    budgets = load_budgets(params)
+    base_seed = require(params, "seed", int)
+    objects = sorted((r for r in world_rows if r["split"] == split), key=lambda r: r["object_id"])
+    images = regime_images(regime, degraded_dir)
+    jobs: list[Job] = []
+    for i, entry in enumerate(entries):
+        where = f"{key}.entries[{i}]"
+        if not isinstance(entry, dict) or entry.get("budget") not in budgets:
+            raise ParamsError(f"params.yaml: {where}.budget must name one of sampler.budgets {sorted(budgets)}")
+        n_obj, n_seeds = entry.get("n_objects"), entry.get("n_seeds", 1)
+        for name, v in (("n_objects", n_obj), ("n_seeds", n_seeds)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ParamsError(f"params.yaml: {where}.{name} must be a positive integer, got {v!r}")
+        if n_obj > len(objects):
+            raise ParamsError(f"params.yaml: {where}.n_objects = {n_obj} but split '{split}' has "
+                              f"{len(objects)} objects (world.n_{split})")
+        for row in objects[:n_obj]:
+            if images is not None and row["object_id"] not in images:
+                raise FileNotFoundError(f"{degraded_dir}/{regime}/manifest.jsonl has no image for "
+                                        f"{row['object_id']}: degrade split '{split}' (the degrade stage)")
+            image = row["image_path"] if images is None else images[row["object_id"]]
+            for s in range(n_seeds):
+                jobs.append(Job(row["object_id"], row["category"], split, regime, budgets[entry["budget"]], s,
+                                candidate_seed(base_seed, row["object_id"], s), image,
+                                row["mesh_path"], row["voxel_path"]))
+    names = [j.candidate for j in jobs]
+    if len(set(names)) != len(names):
+        raise ParamsError(f"params.yaml: {key} lists the same (budget, seed) twice for an object")
+    return jobs
+
+
+def _batches(jobs: list[Job], size: int) -> Iterable[list[Job]]:
+    by_budget: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_budget.setdefault(job.budget.name, []).append(job)
+    for group in by_budget.values():
+        for i in range(0, len(group), size):
+            yield group[i:i + size]
+
+
+def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: dict[str, Any], *,
+                 batch_size: int = 32, cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 set_name: str = "", extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Sample, decode, save and score every job; resumable through ``<out_dir>/.partial.jsonl``.
+
+    ``cond_transform`` maps conditioning tokens before sampling (the repair arms); the generator
+    only ever sees the input image, never the ground truth. Oracle metrics are computed after
+    decoding, from the ground-truth files.
+    """
+    from judge3d.world.geometry import load_mesh, oracle_metrics, prepare_ground_truth, validity
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / ".partial.jsonl"
+    done = {r["candidate"]: r for r in read_jsonl(partial)} if partial.exists() else {}
+    todo = [j for j in jobs if j.candidate not in done]
+    refs: dict[str, Any] = {}
+    t0 = time.time()
+    with JsonlAppender(partial) as sink, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
+                                              desc=f"generate {set_name}".strip()) as bar:
+        for batch in _batches(todo, batch_size):
+            cond = gen.encode_images([load_image(j.image_path) for j in batch])
+            if cond_transform is not None:
+                cond = cond_transform(cond)
+            latents = gen.sample(cond, seed=[j.seed for j in batch], **batch[0].budget.sampler_kwargs())
+            for job, mesh in zip(batch, gen.decode(latents)):
+                mesh_path = out_dir / f"{job.candidate}.ply"
+                empty = bool(mesh.metadata.get("empty", len(mesh.faces) == 0))
+                if not empty:
+                    mesh.export(mesh_path)
+                elif mesh_path.exists():
+                    mesh_path.unlink()
+                if job.object_id not in refs:
+                    gt_mesh, flags = load_mesh(job.mesh_path_gt)
+                    if gt_mesh is None:
+                        raise ValueError(f"ground-truth mesh {job.mesh_path_gt} unusable ({flags}); rerun data")
+                    refs[job.object_id] = prepare_ground_truth(gt_mesh, np.load(job.voxel_path_gt), params=params)
+                metrics = oracle_metrics(None if empty else mesh, refs[job.object_id], params=params,
+                                         pred_flags={"empty": empty, "nan": bool(mesh.metadata.get("nan"))})
+                row = {"object_id": job.object_id, "category": job.category, "split": job.split,
+                       "regime": job.regime, "budget": job.budget.name, "steps": job.budget.steps,
+                       "cfg_strength": job.budget.cfg_strength, "cfg_interval": list(job.budget.cfg_interval),
+                       "rescale_t": job.budget.rescale_t, "seed": job.seed, "seed_index": job.seed_index,
+                       "candidate": job.candidate, "input_image_path": job.image_path,
+                       "mesh_path": mesh_path.as_posix(), "gt_mesh_path": job.mesh_path_gt,
+                       "set": set_name, **metrics, "empty": empty, "validity": validity(None if empty else mesh)}
+                row.update(extra or {})
+                sink.append(row)
+                done[job.candidate] = row
+                bar.update(1)
+    rows = [done[j.candidate] for j in jobs]
+    write_jsonl(out_dir / "manifest.jsonl", rows)
+    partial.unlink(missing_ok=True)
+    print(f"generate {set_name}: {len(todo)} new candidates in {time.time() - t0:.1f} s "
+          f"({len(jobs) - len(todo)} resumed)")
+    return rows

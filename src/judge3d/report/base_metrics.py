@@ -1,0 +1,64 @@
+"""metrics/base.json: the base generator's held-out oracle scores per budget and input regime.
+
+Each figure is a mean over held-out objects with a 95 % bootstrap CI over objects; the high-low
+gap is paired by object (same input image, same seed index). Which rows enter each cell:
+clean high / default (seed index 0, the base reference) / low from ``heldout_clean``, and default
+seed index 0 from each ``heldout_<severity>`` set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from judge3d import stats
+from judge3d.io import read_jsonl
+
+METRICS = ("fscore", "iou")
+SEVERITIES = ("mild", "medium", "severe")
+
+
+def _select(rows: Iterable[dict[str, Any]], budget: str, seed_index: int = 0) -> dict[str, dict[str, Any]]:
+    picked = {r["object_id"]: r for r in rows if r["budget"] == budget and r.get("seed_index", 0) == seed_index}
+    if not picked:
+        raise ValueError(f"no rows with budget '{budget}' and seed index {seed_index}: regenerate the set")
+    return picked
+
+
+def _summary(rows: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    ids = sorted(rows)
+    out: dict[str, Any] = {"n_objects": len(ids), "empty_rate": stats.clean(sum(rows[i]["empty"] for i in ids) / len(ids))}
+    for m in METRICS:
+        mean, lo, hi = stats.mean_ci([rows[i][m] for i in ids], group_ids=ids, seed=seed)
+        out[m] = {"mean": stats.clean(mean), "ci95": [stats.clean(lo), stats.clean(hi)]}
+    return out
+
+
+def _paired(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    ids = sorted(set(a) & set(b))
+    if len(ids) != len(a) or len(ids) != len(b):
+        raise ValueError("high and low sets cover different objects; regenerate heldout_clean")
+    out: dict[str, Any] = {"n_objects": len(ids)}
+    for m in METRICS:
+        mean, lo, hi = stats.paired_diff_ci([a[i][m] for i in ids], [b[i][m] for i in ids], group_ids=ids, seed=seed)
+        out[m] = {"mean": stats.clean(mean), "ci95": [stats.clean(lo), stats.clean(hi)],
+                  "clear": bool(lo > 0), "share_objects_first_better": stats.clean(
+                      sum(a[i][m] > b[i][m] for i in ids) / len(ids))}
+    return out
+
+
+def base_metrics(generated_root: str | Path, seed: int = 0) -> dict[str, Any]:
+    root = Path(generated_root)
+    clean = read_jsonl(root / "heldout_clean" / "manifest.jsonl")
+    high, default, low = _select(clean, "high"), _select(clean, "default"), _select(clean, "low")
+    out: dict[str, Any] = {
+        "clean": {"high": _summary(high, seed), "default": _summary(default, seed), "low": _summary(low, seed)},
+        "gap_high_minus_low": _paired(high, low, seed),
+        "severity_default": {},
+    }
+    for sev in SEVERITIES:
+        rows = _select(read_jsonl(root / f"heldout_{sev}" / "manifest.jsonl"), "default")
+        out["severity_default"][sev] = _summary(rows, seed)
+        out["severity_default"][sev]["drop_vs_clean"] = _paired(default, rows, seed)
+    means = [out["clean"]["default"]["fscore"]["mean"]] + [out["severity_default"][s]["fscore"]["mean"] for s in SEVERITIES]
+    out["fscore_falls_with_severity"] = bool(all(x >= y for x, y in zip(means, means[1:])))
+    return out
