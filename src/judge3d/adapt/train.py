@@ -30,6 +30,7 @@ from judge3d.adapt.data import FeaturePairs, TargetSet, split_indices, split_pro
 from judge3d.adapt.losses import dpo_loss, feature_mse, orpo_loss, sft_loss
 from judge3d.adapt.probes import ProbeSet, eval_mode, feat_mse, fm_mse, is_diverged, make_probe_set
 from judge3d.adapt.repair import ConditionRepair
+from judge3d.io import read_jsonl
 from judge3d.config import ParamsError, deep_merge, require
 from judge3d.generators.sampler import sample_logit_normal_t
 from judge3d.seeding import derive_seed
@@ -451,6 +452,23 @@ def dvc_stanza(params: Mapping[str, Any], paths: ArmPaths | None = None) -> str:
             "      - dvclive/train_adapter/${key}\n")
 
 
+def untrained_lora_arm(generator, spec: ArmSpec, out_dir: Path, t0: float, reason: str) -> dict[str, Any]:
+    """A LoRA arm with no training data: the adapter at init (output bit-identical to the base), flagged."""
+    lo = spec.settings["lora"]
+    generator.flow_model = lora_mod.add_lora(generator.flow_model, lo["rank"], lo["alpha"], lo["dropout"],
+                                             lo["targets"])
+    lora_mod.save_adapter(generator.flow_model, out_dir)
+    write_arm_file(out_dir, spec)
+    print(f"WARNING: train-adapter@{spec.arm} NOT trained: {reason}")
+    metrics: dict[str, Any] = {"trained": False, "untrained_reason": reason, "n_train": 0, "diverged": False,
+                               "fm_mse_before": None, "fm_mse_after": None}
+    if spec.kind == "dpo":
+        metrics["beta"] = spec.settings["beta"]
+    metrics.update({"arm": spec.arm, "kind": spec.kind, "severity": spec.severity, "wall_s": time.time() - t0,
+                    "settings": spec.settings})
+    return metrics
+
+
 def run_arm(params: Mapping[str, Any], arm: str, out_dir: str | Path, paths: ArmPaths | None = None,
             log_step: LogFn | None = None, device: str = "cpu") -> dict[str, Any]:
     """Load the base, the arm's data, train, save the adapter + arm.json; return the metrics."""
@@ -472,6 +490,11 @@ def run_arm(params: Mapping[str, Any], arm: str, out_dir: str | Path, paths: Arm
     else:
         if spec.kind == "sft_clean":
             data = D.load_clean_targets(generator, paths.degraded(spec.severity), paths.generated, train_ids)
+        elif not read_jsonl(paths.pairs):
+            # The training judge kept no swap-consistent pair: there is nothing to adapt on. The arm
+            # is saved as LoRA at init (the base, exactly) and flagged, so the report says so.
+            return untrained_lora_arm(generator, spec, out_dir, t0,
+                                      f"no swap-consistent training pairs in {paths.pairs}")
         else:
             data = D.load_pairs(generator, paths.pairs, paths.generated, paths.world)
             leaked = sorted(set(data.object_ids) - train_ids)

@@ -264,10 +264,11 @@ def _train_block(train: Mapping[str, Any], spec: ArmSpec, settings: ReportSettin
     diverged = get("diverged", True)
     if not isinstance(diverged, bool):
         raise ValueError(f"{src}: {keys['diverged']!r} must be true/false, got {diverged!r}.")
-    out: dict[str, Any] = {"diverged": diverged}
+    trained = train.get("trained", True) is not False  # an arm with no training data is flagged untrained
+    out: dict[str, Any] = {"diverged": diverged, "trained": trained}
     is_repair = spec.family == "repair"
     for name in ("fm_mse_before", "fm_mse_after", "feat_mse_before", "feat_mse_after"):
-        required = (name.startswith("feat") and is_repair) or (name.startswith("fm") and not is_repair)
+        required = trained and ((name.startswith("feat") and is_repair) or (name.startswith("fm") and not is_repair))
         # a diverged run may end with a non-finite probe, which JSON stores as null
         required = required and not (name == "fm_mse_after" and diverged)
         value = get(name, required)

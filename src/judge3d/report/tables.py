@@ -114,12 +114,16 @@ def _banner(cal: Mapping[str, Any]) -> str:
 def judge_win_text(m: Mapping[str, Any]) -> str:
     """The judge-win cell: a diverged arm is labelled as such, never shown as a plain win."""
     base = fmt(m["strict"])
+    if not m["train"].get("trained", True):
+        return f"untrained ({base})"
     return f"diverged ({base}*)" if m["diverged"] else base
 
 
 def meets_text(m: Mapping[str, Any], reliable: bool = True) -> str:
     if m["diverged"]:
         return "no (diverged)"
+    if not m["train"].get("trained", True):
+        return "no (untrained: no training pairs)"
     if m["meets_bar"]:
         return "yes" if reliable else "yes (unreliable: calibration failed)"
     return "no"
@@ -159,6 +163,8 @@ def _delta(m: Mapping[str, Any], block: str, name: str) -> Any:
 def _status(m: Mapping[str, Any], cal: Mapping[str, Any]) -> str:
     if m["diverged"]:
         return "diverged"
+    if not m["train"].get("trained", True):
+        return "untrained"
     return "ok" if cal["reliable"] else "unreliable"
 
 

@@ -1,0 +1,266 @@
+"""Train a tiny judge from scratch to answer "A"/"B" on oracle-labelled montage pairs.
+
+Inputs go through :meth:`HFJudge.query_logits`, the same code that serves the judge at inference,
+so training and judging see the same token ids, positions and vision features. Loss: cross-entropy
+of the correct answer letter (bare id) at the answer position. Presentation order is drawn per
+sample from a seeded stream (so the judge cannot learn "the answer is always A").
+
+After training the judge is scored on pairs of held-out objects from its own object set (clear,
+mild and near-tie pairs, both orders) and saved only if it is not degenerate (DESIGN §6: a judge
+stuck in the ln 2 plateau answers a constant letter: flip 1.0 / strict 0 on clear pairs).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from judge3d.judges.pairs import build_pairs, split_objects
+from judge3d.seeding import rng, seed_everything
+
+
+class DegenerateJudgeError(RuntimeError):
+    """The trained judge answers by position or not at all; it is not saved."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    heldout_frac: float = 0.25          # share of the judge's own objects kept for its evaluation
+    margin: float = 0.02                # oracle gap below which a pair is a near-tie (never a label)
+    clear_gap: float = 0.10             # oracle gap at/above which a pair is "clear"
+    max_pairs_per_object: int = 40      # per kind, seeded draw
+    min_clear_strict: float = 0.6       # refuse to save below this strict win-rate on clear held-out pairs
+    max_clear_flip: float = 0.5         # ... or above this flip rate on them
+    refuse_degenerate: bool = True      # off only in the tiny plumbing profile (too few steps to learn)
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    @classmethod
+    def from_params(cls, block: dict[str, Any]) -> "TrainConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise ValueError(f"judges.training: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**block)
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _config_hash(arch: str, sizes: Any, cfg: TrainConfig, prompt: str, pairs: Sequence[dict]) -> str:
+    blob = json.dumps({"arch": arch, "sizes": asdict(sizes), "cfg": asdict(cfg), "prompt": prompt,
+                       "pairs": [(p["better"], p["worse"]) for p in pairs]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def evaluate_pairs(judge, pairs: Sequence[dict], prompt: str, prepared: dict[str, Any] | None = None,
+                   n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Swap-protocol aggregates per pair kind: x = the oracle-better montage, y = the worse one."""
+    from judge3d.judges import protocol
+    from judge3d.judges.verdict_log import prompt_sha256
+
+    out: dict[str, Any] = {}
+    for kind in ("clear", "mild", "near"):
+        chosen = [p for p in pairs if p["kind"] == kind]
+        if not chosen:
+            continue
+        queries = [(p["better"], p["worse"]) for p in chosen] + [(p["worse"], p["better"]) for p in chosen]
+        probs = judge.p_first(queries, prompt)
+        n = len(chosen)
+        rows = []
+        for i, p in enumerate(chosen):
+            base = {"pair_id": p["pair_id"], "object_id": p["object_id"], "judge_id": judge.judge_id,
+                    "prompt_sha256": prompt_sha256(prompt), "x_oracle": p["better_score"],
+                    "y_oracle": p["worse_score"]}
+            rows.append({**base, "order": "xy", "p_first": float(probs[i])})
+            rows.append({**base, "order": "yx", "p_first": float(probs[n + i])})
+        agg = protocol.summarize(rows, n_boot=n_boot, seed=seed)
+        out[kind] = {k: agg[k] for k in ("n", "n_objects", "W", "L", "F", "strict", "strict_wilson_ci",
+                                         "decisive", "flip_rate", "prefer_first_rate",
+                                         "judge_oracle_agreement")}
+    return out
+
+
+def check_not_degenerate(metrics: dict[str, Any], cfg: TrainConfig, name: str) -> None:
+    clear = metrics.get("clear")
+    if clear is None:
+        raise DegenerateJudgeError(f"{name}: no clear-gap held-out pairs to check the judge on; add candidates "
+                                   "with larger oracle gaps (e.g. stronger corruptions) or lower judges.training.clear_gap.")
+    problems = []
+    if clear["flip_rate"] >= 1.0 or clear["strict"] == 0:
+        problems.append("it answers by position (flip rate 1.0 or strict 0 on clear pairs: the ln 2 plateau)")
+    if clear["strict"] < cfg.min_clear_strict:
+        problems.append(f"clear-gap strict win-rate {clear['strict']} < {cfg.min_clear_strict}")
+    if clear["flip_rate"] > cfg.max_clear_flip:
+        problems.append(f"clear-gap flip rate {clear['flip_rate']} > {cfg.max_clear_flip}")
+    if problems and not cfg.refuse_degenerate:
+        print(f"WARNING: {name} is degenerate ({'; '.join(problems)}); saved anyway because "
+              "judges.training.refuse_degenerate is false (tiny profile only)")
+        return
+    if problems:
+        raise DegenerateJudgeError(
+            f"{name} is degenerate and was NOT saved: " + "; ".join(problems) + f". Held-out metrics: {metrics}. "
+            "Train longer (judges.training.steps), give it more/cleaner pairs, or a larger model; never "
+            "inject bias by hand.")
+
+
+def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir: str | Path, prompt: str,
+                cfg: TrainConfig, *, name: str, log_step: Callable[[int, dict[str, float]], None] | None = None,
+                root: str | Path = ".") -> dict[str, Any]:
+    """Train, evaluate on held-out objects, refuse a degenerate judge, save the HF folder; return a summary."""
+    import torch
+
+    from judge3d.judges.hf import HFJudge, make_image_only_processor, open_image
+    from judge3d.judges.tiny import (INTERNVL_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_judge,
+                                     image_seq_length, save_tiny_judge)
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    root = Path(root)
+    seed_everything(cfg.seed)
+    pairs = build_pairs(candidates, margin=cfg.margin, clear_gap=cfg.clear_gap,
+                        max_pairs_per_object=cfg.max_pairs_per_object, seed=cfg.seed)
+    train_objects, held_objects = split_objects([c["object_id"] for c in candidates], cfg.heldout_frac, cfg.seed)
+    held = set(held_objects)
+    train_pairs = [p for p in pairs if p["object_id"] not in held and p["kind"] != "near"]
+    eval_pairs = [p for p in pairs if p["object_id"] in held]
+    if len(train_pairs) < cfg.batch_size:
+        raise ValueError(f"{name}: only {len(train_pairs)} labelled training pairs (need >= batch size "
+                         f"{cfg.batch_size}); give the judge more candidates per object or lower judges.training.margin.")
+
+    model, tok, image_processor = build_tiny_judge(out_dir, arch, sizes, seed=cfg.seed, save=False)
+    template = QWEN_CHAT_TEMPLATE if arch == "qwen2_5_vl" else INTERNVL_CHAT_TEMPLATE
+    processor = make_image_only_processor(arch, tok, image_processor, template,
+                                          image_seq_length(sizes) if arch == "internvl" else None)
+    judge = HFJudge(model, processor, name=name, weights_hash="0" * 64, batch_size=64)
+    target = {letter: ids[0] for letter, ids in judge.answer_ids.items()}  # the bare letter, as the template answers
+
+    paths = sorted({p[k] for p in pairs for k in ("better", "worse")})
+    prepared = {}
+    for path in tqdm(paths, desc=f"{name}: preprocess montages", unit="img", leave=False):
+        prepared[path] = judge.arch.prepare(open_image(root / path))
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    ckpt = out_dir / ".checkpoint"
+    config_hash = _config_hash(arch, sizes, cfg, prompt, train_pairs)
+    start = _maybe_resume(ckpt, config_hash, model, opt, sched)
+
+    model.train()
+    window: list[tuple[float, float]] = []
+    bar = tqdm(range(start, cfg.steps), desc=f"train {name}", unit="step", initial=start, total=cfg.steps)
+    for step in bar:
+        g = rng(cfg.seed, "judge-batch", name, step)
+        batch = [train_pairs[i] for i in g.choice(len(train_pairs), cfg.batch_size, replace=False)]
+        better_first = g.random(cfg.batch_size) < 0.5
+        index: dict[str, int] = {}
+        for p in batch:
+            for k in ("better", "worse"):
+                index.setdefault(p[k], len(index))
+        images = [prepared[path] for path in index]
+        queries = [(index[p["better"]], index[p["worse"]]) if bf else (index[p["worse"]], index[p["better"]])
+                   for p, bf in zip(batch, better_first)]
+        labels = torch.tensor([target["A"] if bf else target["B"] for bf in better_first])
+        logits = judge.query_logits(images, queries, prompt)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            pick = logits[:, [target["A"], target["B"]]]
+            acc = float(((pick[:, 0] > pick[:, 1]) == torch.from_numpy(better_first)).float().mean())
+        window.append((float(loss.detach()), acc))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            loss_m, acc_m = np.mean(window, axis=0)
+            window = []
+            bar.set_postfix(loss=f"{loss_m:.3f}", acc=f"{acc_m:.2f}")
+            if log_step is not None:
+                log_step(step + 1, {"loss": float(loss_m), "accuracy": float(acc_m), "lr": sched.get_last_lr()[0]})
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, config_hash, step + 1, model, opt, sched)
+    bar.close()
+    train_s = time.time() - t0
+
+    model.eval()
+    # eval goes through p_first, exactly as the judging stages will call the saved judge
+    metrics = evaluate_pairs(judge, [_abs(p, root) for p in eval_pairs], prompt, seed=cfg.seed)
+    check_not_degenerate(metrics, cfg, name)
+
+    summary = {"name": name, "arch": arch, "sizes": asdict(sizes), "training": asdict(cfg),
+               "n_params": sum(p.numel() for p in model.parameters()),
+               "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs),
+               "train_objects": len(train_objects), "heldout_objects": held_objects,
+               "heldout": metrics, "train_wall_s": round(train_s, 1)}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_tiny_judge(tmp, model, tok, image_processor, arch, sizes, extra={"training": summary})
+    # the saved folder must judge exactly as the in-memory model did
+    reloaded = HFJudge.load(tmp, name=name)
+    probe = [(root / p["better"], root / p["worse"]) for p in eval_pairs[:4]]
+    if probe and not np.allclose(reloaded.p_first(probe, prompt), judge.p_first(probe, prompt), atol=1e-5):
+        raise RuntimeError(f"{name}: the saved judge does not reproduce the trained one; not saved.")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    summary["judge_id"] = HFJudge.load(out_dir, name=name).judge_id
+    summary["wall_s"] = round(time.time() - t0, 1)
+    return summary
+
+
+def _abs(pair: dict, root: Path) -> dict:
+    return {**pair, "better": str(root / pair["better"]), "worse": str(root / pair["worse"])}
+
+
+def _save_checkpoint(ckpt: Path, config_hash: str, step: int, model, opt, sched) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.tmp"))
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, ckpt / "optim.tmp")
+    (ckpt / "model.tmp").replace(ckpt / "model.safetensors")
+    (ckpt / "optim.tmp").replace(ckpt / "optim.pt")
+    (ckpt / "state.json").write_text(json.dumps({"step": step, "config": config_hash}))
+
+
+def _maybe_resume(ckpt: Path, config_hash: str, model, opt, sched) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    state_file = ckpt / "state.json"
+    if not state_file.is_file():
+        return 0
+    state = json.loads(state_file.read_text())
+    if state.get("config") != config_hash:
+        shutil.rmtree(ckpt)  # made under other params or data: start over
+        return 0
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    optim = torch.load(ckpt / "optim.pt", weights_only=True)
+    opt.load_state_dict(optim["opt"])
+    sched.load_state_dict(optim["sched"])
+    print(f"resuming judge training at step {state['step']} from {ckpt}")
+    return int(state["step"])

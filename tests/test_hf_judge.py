@@ -1,0 +1,226 @@
+"""The hf judge backend on tiny random-weight Qwen2.5-VL and InternVL folders (built here, no hub)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from judge3d.io import file_sha256  # noqa: E402
+from judge3d.judges.hf import HFJudge, JudgeLoadError, gather_answer_ids, p_first_from_logits  # noqa: E402
+from judge3d.judges.tiny import (TinyLMSize, TinySizes, TinyVisionSize, build_tiny_internvl,  # noqa: E402
+                                 build_tiny_qwen25vl, build_tokenizer)
+
+PROMPT = "Image A is shown first, image B second. Which is the better 3D reconstruction? Answer A or B."
+ARCHES = ["qwen2_5_vl", "internvl"]
+SMALL = TinySizes(lm=TinyLMSize(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128),
+                  vision=TinyVisionSize(hidden=32, depth=2, heads=2, intermediate=64, patch=14), image_size=56)
+
+
+@pytest.fixture(scope="module")
+def judge_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("judges")
+    build_tiny_qwen25vl(root / "qwen2_5_vl", SMALL, seed=1)
+    build_tiny_internvl(root / "internvl", SMALL, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def judges(judge_dirs):
+    return {arch: HFJudge.load(judge_dirs / arch, batch_size=4) for arch in ARCHES}
+
+
+def _images(n, seed=0, size=(64, 64)):
+    rs = np.random.default_rng(seed)
+    return [Image.fromarray((rs.random((size[1], size[0], 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_saved_tiny_judge_reloads_and_judges_both_orders(judge_dirs, judges, arch, tmp_path):
+    judge = judges[arch]
+    assert judge.model_type == arch
+    assert type(judge.model).__name__ == {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                           "internvl": "InternVLForConditionalGeneration"}[arch]
+    x, y = _images(2, seed=3)
+    paths = []
+    for i, im in enumerate((x, y)):
+        paths.append(tmp_path / f"m{i}.png")
+        im.save(paths[-1])
+    p = judge.p_first([(paths[0], paths[1]), (paths[1], paths[0])], PROMPT)
+    assert p.shape == (2,) and np.all((p > 0) & (p < 1))
+    # PIL input and path input of the same pixels give the same answer
+    np.testing.assert_allclose(judge.p_first([(x, y)], PROMPT), p[:1], atol=1e-6)
+    # judge id carries a hash of the safetensors weights
+    name, digest = judge.judge_id.rsplit("@", 1)
+    assert len(digest) == 12 and name.endswith(arch)
+    (weights,) = sorted((judge_dirs / arch).glob("*.safetensors"))
+    import hashlib
+    expect = hashlib.sha256(weights.name.encode() + b"\0" + file_sha256(weights).encode() + b"\n").hexdigest()
+    assert digest == expect[:12]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_answer_ids_bare_and_word_initial(judges, arch):
+    tok = judges[arch].tokenizer
+    ids = gather_answer_ids(tok)
+    for letter in ("A", "B"):
+        assert len(ids[letter]) == 2
+        assert [tok.decode([i]) for i in ids[letter]] == [letter, " " + letter]
+    assert judges[arch].answer_ids == ids
+
+
+def test_answer_ids_without_word_initial_token_keep_the_bare_one():
+    tok = build_tokenizer("qwen2_5_vl")
+    ids = gather_answer_ids(tok, letters=("C", "D"))   # no "Ġ C" merge: only the bare byte token
+    assert ids == {"C": [tok.convert_tokens_to_ids("C")], "D": [tok.convert_tokens_to_ids("D")]}
+
+
+def test_p_first_from_logits_hand_computed():
+    logits = torch.full((1, 10), -50.0)
+    logits[0, [1, 2]] = torch.tensor([0.0, math.log(3.0)])   # A: bare 1, word-initial 3  -> mass 4
+    logits[0, [5]] = torch.tensor([0.0])                      # B: mass 1
+    p = p_first_from_logits(logits, {"A": [1, 2], "B": [5]})
+    assert p.item() == pytest.approx(4 / 5, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_our_input_path_matches_the_processor_and_model_reference(judges, arch):
+    judge = judges[arch]
+    ims = _images(3, seed=5) + _images(1, seed=6, size=(90, 40))   # a second aspect ratio -> left padding
+    queries = [(0, 1), (1, 0), (2, 3), (3, 2), (3, 0)]
+    prepared = judge.prepare_images(ims)
+    with torch.no_grad():
+        ours = judge.query_logits(prepared, queries, PROMPT)
+    lengths = set()
+    for row, (a, b) in enumerate(queries):
+        ref_inputs = judge.reference_inputs(ims[a], ims[b], PROMPT)
+        assert ref_inputs["input_ids"][0].tolist() == judge.query_ids(PROMPT, prepared[a], prepared[b])
+        lengths.add(ref_inputs["input_ids"].shape[1])
+        with torch.no_grad():
+            ref = judge.model(**ref_inputs).logits[:, -1]
+        torch.testing.assert_close(ours[row:row + 1], ref, atol=1e-5, rtol=0)
+        if arch == "qwen2_5_vl":
+            assert "mm_token_type_ids" in ref_inputs
+            # the check has teeth: dropping the modality ids (wrong 3-D rope positions) moves the logits
+            plain = {k: v for k, v in ref_inputs.items() if k != "mm_token_type_ids"}
+            with torch.no_grad():
+                wrong = judge.model(**plain).logits[:, -1]
+            assert (wrong - ref).abs().max().item() > 1e-4
+    if arch == "qwen2_5_vl":
+        assert len(lengths) > 1, "the batch must mix sequence lengths to test left padding"
+
+
+def test_missing_dir_fails_with_its_name(tmp_path):
+    missing = tmp_path / "models" / "judges" / "train"
+    with pytest.raises(JudgeLoadError, match="pretrain-judges") as info:
+        HFJudge.load(missing)
+    assert str(missing) in str(info.value)
+
+
+def _copy(judge_dirs, arch, tmp_path):
+    dst = tmp_path / arch
+    shutil.copytree(judge_dirs / arch, dst)
+    return dst
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_missing_answer_token_fails_at_load(judge_dirs, arch, tmp_path):
+    folder = _copy(judge_dirs, arch, tmp_path)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    # rename the "A" tokens: the tokenizer can no longer produce "A" as one token
+    vocab["<no_A>"] = vocab.pop("A")
+    vocab["<no_GA>"] = vocab.pop("ĠA")
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if m not in (["Ġ", "A"], "Ġ A")]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(JudgeLoadError, match="answer token 'A'"):
+        HFJudge.load(folder)
+
+
+def test_processor_mismatch_fails_at_load(judge_dirs, tmp_path):
+    folder = _copy(judge_dirs, "qwen2_5_vl", tmp_path)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    pre["merge_size"] = 1
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(JudgeLoadError, match="merge_size"):
+        HFJudge.load(folder)
+
+
+def test_internvl_seq_length_mismatch_fails_at_load(judge_dirs, tmp_path):
+    folder = _copy(judge_dirs, "internvl", tmp_path)
+    proc = json.loads((folder / "processor_config.json").read_text())
+    proc["image_seq_length"] += 1
+    (folder / "processor_config.json").write_text(json.dumps(proc))
+    with pytest.raises(JudgeLoadError, match="image_seq_length"):
+        HFJudge.load(folder)
+
+
+def test_pickle_only_checkpoint_is_refused(judge_dirs, tmp_path):
+    folder = _copy(judge_dirs, "internvl", tmp_path)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(JudgeLoadError, match="safetensors"):
+        HFJudge.load(folder)
+
+
+# ------------------------------------------------------------------ pair data and the degenerate-judge gate
+from judge3d.judges.pairs import build_pairs, corrupt_holes, corrupt_missing_part, corrupt_noise  # noqa: E402
+from judge3d.judges.train import DegenerateJudgeError, TrainConfig, check_not_degenerate, evaluate_pairs  # noqa: E402
+
+
+def _cands(scores, obj="o1"):
+    return [{"object_id": obj, "montage_path": f"{obj}/{i}.png", "oracle_score": s, "candidate": f"{obj}:{i}"}
+            for i, s in enumerate(scores)]
+
+
+def test_build_pairs_labels_by_oracle_and_kinds():
+    pairs = build_pairs(_cands([0.9, 0.5, 0.89, 0.75]) + _cands([0.3, 0.31], obj="o2"), margin=0.02, clear_gap=0.2)
+    by = {(p["better"], p["worse"]): p["kind"] for p in pairs}
+    assert by[("o1/0.png", "o1/1.png")] == "clear"          # gap 0.40
+    assert by[("o1/0.png", "o1/2.png")] == "near"           # gap 0.01 < margin
+    assert by[("o1/0.png", "o1/3.png")] == "mild"           # gap 0.15
+    assert by[("o1/3.png", "o1/1.png")] == "clear"          # gap 0.25 >= clear_gap
+    assert all(p["better_score"] >= p["worse_score"] for p in pairs)
+    assert not any(p["object_id"] == "o2" and p["kind"] != "near" for p in pairs)   # never across objects
+    assert len(pairs) == 6 + 1
+
+
+def test_build_pairs_rejects_nan_scores():
+    with pytest.raises(ValueError, match="oracle_score"):
+        build_pairs(_cands([0.5, float("nan")]), margin=0.02, clear_gap=0.2)
+
+
+def test_corruptions_are_seeded_and_change_the_mesh():
+    trimesh = pytest.importorskip("trimesh")
+    box = trimesh.creation.box((0.5, 0.3, 0.4))
+    legs = trimesh.util.concatenate([box] + [trimesh.creation.box((0.05, 0.3, 0.05)).apply_translation((x, -0.3, 0))
+                                             for x in (-0.2, 0.2)])
+    a, b, c = (corrupt_noise(box, 0.01, seed=s) for s in (1, 1, 2))
+    assert np.array_equal(a.vertices, b.vertices) and not np.array_equal(a.vertices, c.vertices)
+    holed = corrupt_holes(box, n_holes=2, radius=0.05, seed=3)
+    assert not holed.is_watertight
+    fewer = corrupt_missing_part(legs, seed=0)
+    assert len(fewer.split(only_watertight=False)) == 2
+
+
+class _AlwaysFirst:
+    judge_id = "always-first@000000000000"
+
+    def p_first(self, pairs, prompt):
+        return np.full(len(pairs), 0.9)
+
+
+def test_position_only_judge_is_refused():
+    pairs = [{"pair_id": f"o{i}:clear:0", "object_id": f"o{i}", "better": "a", "worse": "b", "better_score": 0.9,
+              "worse_score": 0.5, "kind": "clear"} for i in range(6)]
+    metrics = evaluate_pairs(_AlwaysFirst(), pairs, PROMPT)
+    assert metrics["clear"]["flip_rate"] == 1.0 and metrics["clear"]["strict"] == 0.0
+    with pytest.raises(DegenerateJudgeError, match="position"):
+        check_not_degenerate(metrics, TrainConfig(), "always-first")
