@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from judge3d.config import load_params, require
+from judge3d.config import load_params
 from judge3d.io import write_json
-from judge3d.report.base_metrics import base_metrics
+from judge3d.report.base_metrics import base_metrics_from_files
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--generated-root", default="data/generated")
+    ap.add_argument("--root", default=".", help="repository root (reads <root>/data/generated/heldout_*)")
     ap.add_argument("--out", default="metrics/base.json")
     args = ap.parse_args()
-    seed = require(load_params(), "seed", int)
-    write_json(args.out, base_metrics(args.generated_root, seed=seed))
+    write_json(args.out, base_metrics_from_files(args.root, load_params()))
     print(f"base-metrics -> {args.out}")
 
 

@@ -58,9 +58,12 @@ def main() -> None:
         metrics = run_arm(params, args.arm, out, paths, log_step=log_step, device=args.device)
         live.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) and v is not None})
     write_json(metrics_path, metrics)
-    probe = (f"FM-MSE {metrics['fm_mse_before']:.4g} -> {metrics['fm_mse_after']:.4g}"
-             if "fm_mse_before" in metrics else
-             f"feat-MSE {metrics['feat_mse_before']:.4g} -> {metrics['feat_mse_after']:.4g}")
+    if metrics.get("trained") is False:
+        probe = f"NOT trained ({metrics['untrained_reason']})"
+    elif "fm_mse_before" in metrics:
+        probe = f"FM-MSE {metrics['fm_mse_before']:.4g} -> {metrics['fm_mse_after']:.4g}"
+    else:
+        probe = f"feat-MSE {metrics['feat_mse_before']:.4g} -> {metrics['feat_mse_after']:.4g}"
     flag = "  DIVERGED" if metrics["diverged"] else ""
     print(f"train-adapter@{args.arm}: {probe} in {metrics['wall_s']:.1f} s -> {out}{flag}")
 

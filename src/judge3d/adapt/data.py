@@ -73,6 +73,10 @@ class FeaturePairs:
         return FeaturePairs([self.object_ids[i] for i in keep], self.degraded[idx], self.clean[idx])
 
 
+
+class NoTrainingData(ValueError):
+    """Every candidate target of an arm is unusable (e.g. the base decoded only empty meshes)."""
+
 def split_probe_objects(object_ids: Iterable[str], n_probe: int, seed: int) -> tuple[set[str], set[str]]:
     """A fixed, seeded choice of held-out probe objects; the rest train. Depends only on the id set."""
     ids = sorted(set(object_ids))
@@ -208,7 +212,7 @@ def load_pairs(generator, pairs_path: str | Path, generated_manifest: str | Path
         xw.append(targets[0])
         xl.append(targets[1])
     if not keep_ids:
-        raise ValueError(f"{pairs_path}: no usable pairs ({dict(skipped)} skipped); check the generate stage")
+        raise NoTrainingData(f"{pairs_path}: no usable pairs ({dict(skipped)} skipped); check the generate stage")
     cond = encode_image_paths(generator, img_paths, desc="encode clean inputs")
     return TargetSet(keep_ids, cond, torch.stack(xw), torch.stack(xl), dict(skipped), empty)
 
@@ -238,7 +242,7 @@ def load_clean_targets(generator, degraded_manifest: str | Path, generated_manif
         img_paths.append(deg[r["object_id"]])
         xw.append(x0)
     if not keep_ids:
-        raise ValueError(f"{generated_manifest}: no usable clean targets ({dict(skipped)} skipped)")
+        raise NoTrainingData(f"{generated_manifest}: no usable clean targets ({dict(skipped)} skipped)")
     cond = encode_image_paths(generator, img_paths, desc="encode degraded inputs")
     return TargetSet(keep_ids, cond, torch.stack(xw), None, dict(skipped), empty)
 

@@ -488,15 +488,18 @@ def run_arm(params: Mapping[str, Any], arm: str, out_dir: str | Path, paths: Arm
         load_s = time.time() - t0
         metrics = train_repair_arm(spec, data, seed, out_dir, log_step)
     else:
-        if spec.kind == "sft_clean":
-            data = D.load_clean_targets(generator, paths.degraded(spec.severity), paths.generated, train_ids)
-        elif not read_jsonl(paths.pairs):
-            # The training judge kept no swap-consistent pair: there is nothing to adapt on. The arm
-            # is saved as LoRA at init (the base, exactly) and flagged, so the report says so.
-            return untrained_lora_arm(generator, spec, out_dir, t0,
-                                      f"no swap-consistent training pairs in {paths.pairs}")
-        else:
-            data = D.load_pairs(generator, paths.pairs, paths.generated, paths.world)
+        try:
+            if spec.kind == "sft_clean":
+                data = D.load_clean_targets(generator, paths.degraded(spec.severity), paths.generated, train_ids)
+            elif not read_jsonl(paths.pairs):
+                raise D.NoTrainingData(f"no swap-consistent training pairs in {paths.pairs}")
+            else:
+                data = D.load_pairs(generator, paths.pairs, paths.generated, paths.world)
+        except D.NoTrainingData as exc:
+            # Nothing to adapt on: the arm is saved as LoRA at init (the base, exactly) and flagged
+            # untrained, so the report says so instead of showing a result.
+            return untrained_lora_arm(generator, spec, out_dir, t0, str(exc))
+        if spec.kind != "sft_clean":
             leaked = sorted(set(data.object_ids) - train_ids)
             if leaked:
                 raise ValueError(f"{paths.pairs}: pairs on non-train objects {leaked[:5]}...; "

@@ -25,7 +25,7 @@ REGIMES = ("clean", "mild", "medium", "severe")
 SEVERITIES = ("mild", "medium", "severe")
 FAMILIES = ("flow", "repair")
 # Rows of the arm manifest are paired with base rows on these fields (same object, regime, seed).
-PAIR_FIELDS = ("object_id", "regime", "seed")
+PAIR_FIELDS = ("object_id", "regime", "seed", "budget")  # the base set also holds other budgets with the same seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def pair_manifests(arm_rows: Sequence[Mapping[str, Any]], base_rows: Sequence[Ma
     for r in base_rows:
         key = tuple(r.get(k) for k in PAIR_FIELDS)
         if key in base_by_key:
-            raise ValueError(f"base manifest ({regime}): two rows for (object, regime, seed) = {key}.")
+            raise ValueError(f"base manifest ({regime}): two rows for (object, regime, seed, budget) = {key}.")
         base_by_key[key] = r
     pairs, seen = [], set()
     for r in arm_rows:
@@ -186,7 +186,7 @@ def pair_manifests(arm_rows: Sequence[Mapping[str, Any]], base_rows: Sequence[Ma
             raise ValueError(f"arm {arm}: two manifest rows for (object, regime, seed) = {key}.")
         seen.add(key)
         if key not in base_by_key:
-            raise ValueError(f"arm {arm}: mesh for (object, regime, seed) = {key} has no base output with the same "
+            raise ValueError(f"arm {arm}: mesh for (object, regime, seed, budget) = {key} has no base output with the same "
                              f"object, regime and seed in the base held-out manifest; rerun generate / judge-eval@{arm}.")
         pairs.append((r, base_by_key[key]))
     return sorted(pairs, key=lambda ab: (str(ab[0].get("object_id")), str(ab[0].get("seed"))))
