@@ -224,3 +224,26 @@ def test_position_only_judge_is_refused():
     assert metrics["clear"]["flip_rate"] == 1.0 and metrics["clear"]["strict"] == 0.0
     with pytest.raises(DegenerateJudgeError, match="position"):
         check_not_degenerate(metrics, TrainConfig(), "always-first")
+
+
+def test_batches_are_seeded_and_the_curriculum_draws_clear_pairs_first():
+    from judge3d.judges.train import sample_batch
+
+    pairs = [{"pair_id": f"o:{k}:{i}", "kind": k, "better": f"{k}{i}b", "worse": f"{k}{i}w"}
+             for k in ("clear", "mild") for i in range(40)]
+    cfg = TrainConfig(batch_size=8, curriculum_steps=5, seed=3)
+    for step in range(12):
+        a, fa = sample_batch(pairs, step, cfg, "train")
+        b, fb = sample_batch(pairs, step, cfg, "train")
+        assert [p["pair_id"] for p in a] == [p["pair_id"] for p in b] and np.array_equal(fa, fb)  # deterministic
+        if step < cfg.curriculum_steps:
+            assert all(p["kind"] == "clear" for p in a)
+    late = [p["kind"] for s in range(5, 30) for p in sample_batch(pairs, s, cfg, "train")[0]]
+    assert "mild" in late and "clear" in late                      # after the curriculum: every labelled pair
+    other, _ = sample_batch(pairs, 0, TrainConfig(batch_size=8, curriculum_steps=5, seed=4), "train")
+    assert [p["pair_id"] for p in other] != [p["pair_id"] for p in sample_batch(pairs, 0, cfg, "train")[0]]
+    # no curriculum: the same draws as before the curriculum existed (one seeded stream per step)
+    plain, _ = sample_batch(pairs, 7, TrainConfig(batch_size=8, seed=3), "train")
+    from judge3d.seeding import rng
+    idx = rng(3, "judge-batch", "train", 7).choice(len(pairs), 8, replace=False)
+    assert [p["pair_id"] for p in plain] == [pairs[i]["pair_id"] for i in idx]

@@ -297,6 +297,30 @@ _ARCHES = {"qwen2_5_vl": _QwenArch, "internvl": _InternVLArch}
 # --------------------------------------------------------------------------------------------
 # the judge
 # --------------------------------------------------------------------------------------------
+IMAGE_SLOTS = ("<image1>", "<image2>")
+
+
+def prompt_content(prompt: str) -> list[dict]:
+    """Chat content items for a judge prompt: the two images at their slots, or first (no slots)."""
+    present = [slot in prompt for slot in IMAGE_SLOTS]
+    if not any(present):
+        return [{"type": "image"}, {"type": "image"}, {"type": "text", "text": prompt}]
+    counts = [prompt.count(slot) for slot in IMAGE_SLOTS]
+    first, second = (prompt.find(slot) for slot in IMAGE_SLOTS)
+    if counts != [1, 1] or first > second:
+        raise ValueError(f"judge prompt {prompt!r}: name each of {IMAGE_SLOTS[0]} and {IMAGE_SLOTS[1]} once, in "
+                         "that order (or neither, to show both images before the text).")
+    head, rest = prompt.split(IMAGE_SLOTS[0])
+    middle, tail = rest.split(IMAGE_SLOTS[1])
+    content: list[dict] = []
+    for text, image in ((head, True), (middle, True), (tail, False)):
+        if text:
+            content.append({"type": "text", "text": text})
+        if image:
+            content.append({"type": "image"})
+    return content
+
+
 def open_image(image: ImageLike):
     from PIL import Image
 
@@ -431,8 +455,10 @@ class HFJudge:
 
     # ---------------------------------------------------------------- inputs
     def messages(self, prompt: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                             {"type": "text", "text": prompt}]}]
+        """One user turn with the two images. A prompt naming both slots (``<image1>``, ``<image2>``)
+        places each image there, e.g. ``"A: <image1> B: <image2> Better: A or B?"``; otherwise both
+        images come first and the prompt after them."""
+        return [{"role": "user", "content": prompt_content(prompt)}]
 
     def prompt_text(self, prompt: str) -> str:
         return self.processor.apply_chat_template(self.messages(prompt), tokenize=False,

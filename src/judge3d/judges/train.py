@@ -44,6 +44,7 @@ class TrainConfig:
     margin: float = 0.02                # oracle gap below which a pair is a near-tie (never a label)
     clear_gap: float = 0.10             # oracle gap at/above which a pair is "clear"
     max_pairs_per_object: int = 40      # per kind, seeded draw
+    curriculum_steps: int = 0           # the first steps draw clear pairs only (breaks the ln 2 plateau sooner)
     min_clear_strict: float = 0.6       # refuse to save below this strict win-rate on clear held-out pairs
     max_clear_flip: float = 0.5         # ... or above this flip rate on them
     refuse_degenerate: bool = True      # off only in the tiny plumbing profile (too few steps to learn)
@@ -66,6 +67,23 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def sample_batch(train_pairs: Sequence[dict], step: int, cfg: TrainConfig, name: str) -> tuple[list[dict], np.ndarray]:
+    """The pairs of one training step and, per pair, whether the better montage is shown first.
+
+    A seeded draw per (seed, name, step), so a resumed run sees the same batches. During the first
+    ``cfg.curriculum_steps`` steps only clear pairs are drawn (when there are at least a batch of them):
+    the big oracle gaps teach the judge to compare its two images before the subtle mild pairs come in.
+    """
+    pool = list(train_pairs)
+    if step < cfg.curriculum_steps:
+        clear = [p for p in train_pairs if p["kind"] == "clear"]
+        if len(clear) >= cfg.batch_size:
+            pool = clear
+    g = rng(cfg.seed, "judge-batch", name, step)
+    batch = [pool[i] for i in g.choice(len(pool), cfg.batch_size, replace=False)]
+    return batch, g.random(cfg.batch_size) < 0.5
 
 
 def _config_hash(arch: str, sizes: Any, cfg: TrainConfig, prompt: str, pairs: Sequence[dict]) -> str:
@@ -171,9 +189,7 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     window: list[tuple[float, float]] = []
     bar = tqdm(range(start, cfg.steps), desc=f"train {name}", unit="step", initial=start, total=cfg.steps)
     for step in bar:
-        g = rng(cfg.seed, "judge-batch", name, step)
-        batch = [train_pairs[i] for i in g.choice(len(train_pairs), cfg.batch_size, replace=False)]
-        better_first = g.random(cfg.batch_size) < 0.5
+        batch, better_first = sample_batch(train_pairs, step, cfg, name)
         index: dict[str, int] = {}
         for p in batch:
             for k in ("better", "worse"):
@@ -181,16 +197,19 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
         images = [prepared[path] for path in index]
         queries = [(index[p["better"]], index[p["worse"]]) if bf else (index[p["worse"]], index[p["better"]])
                    for p, bf in zip(batch, better_first)]
-        labels = torch.tensor([target["A"] if bf else target["B"] for bf in better_first])
+        # index 0 = "A" (the first image is better), 1 = "B"
+        labels = torch.from_numpy((~better_first).astype(np.int64))
         logits = judge.query_logits(images, queries, prompt)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        # Two-way loss over the answer letters, the only tokens the protocol reads (p_first): a
+        # full-vocabulary loss spends its first steps learning to say a letter at all.
+        pick = logits[:, [target["A"], target["B"]]].float()
+        loss = torch.nn.functional.cross_entropy(pick, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         with torch.no_grad():
-            pick = logits[:, [target["A"], target["B"]]]
             acc = float(((pick[:, 0] > pick[:, 1]) == torch.from_numpy(better_first)).float().mean())
         window.append((float(loss.detach()), acc))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

@@ -131,16 +131,17 @@ class _BodyIndex:
         np.fill_diagonal(overlap, False)
         # Every overlapping body with its bbox: the general test checks a point only against the
         # bodies whose bbox holds it (a union test per body, not one ray cast over the whole mesh).
-        self.bodies: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.bodies: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
         for i, c in enumerate(components):
             if not overlap[i].any():
                 continue
             self.suspect[c] = True
-            self.bodies.append((lo[i], hi[i], tri[c]))
+            body = trimesh.Trimesh(vertices, faces[c], process=True)
+            closed = bool(body.is_watertight and body.is_winding_consistent)
+            self.bodies.append((lo[i], hi[i], tri[c], closed))
             if self.convex_bodies is None:
                 continue
-            body = trimesh.Trimesh(vertices, faces[c], process=True)
-            if not (body.is_watertight and body.is_convex):
+            if not (closed and body.is_convex):
                 self.convex_bodies = None
                 continue
             normals = body.face_normals
@@ -151,23 +152,39 @@ class _BodyIndex:
         """True where a surface point has solid on both sides (a face inside another body)."""
         outer = points + _BURIED_EPS * normals
         if self.convex_bodies is None:
-            both = self._inside_body_union(np.concatenate([outer, points - _BURIED_EPS * normals]))
-            return both[: len(points)] & both[len(points):]
+            # Both sides solid: the inner side is tested only where the outer one is (same result).
+            both = self._inside_body_union(outer, normals)
+            idx = np.flatnonzero(both)
+            if len(idx):
+                both[idx] = self._inside_body_union(points[idx] - _BURIED_EPS * normals[idx], normals[idx])
+            return both
         # The inner side of a face of a convex body is inside that body, so only the outer side is open.
         return self._inside_convex_union(outer)
 
-    def _inside_body_union(self, points: np.ndarray) -> np.ndarray:
+    def _inside_body_union(self, points: np.ndarray, normals: np.ndarray | None = None) -> np.ndarray:
         """Non-zero winding per body, OR-ed: equal to the whole mesh's winding test for closed,
-        outward-oriented bodies, and far cheaper since each body sees only the points in its bbox."""
+        outward-oriented bodies, and far cheaper since each body sees only the points in its bbox.
+
+        A closed, consistently wound body has the same winding number along every ray, so its points
+        are cast along the axis nearest their surface normal (a ray along a bumpy wall would cross
+        it again and again); an open body keeps the +z rays, where its winding is defined."""
         inside = np.zeros(len(points), dtype=bool)
-        for lo, hi, tri in self.bodies:
+        axis = np.full(len(points), 2) if normals is None else np.argmax(np.abs(normals), axis=1)
+        for lo, hi, tri, closed in self.bodies:
             idx = np.flatnonzero(np.all((points >= lo) & (points <= hi), axis=1) & ~inside)
-            if len(idx):
-                col, z, sign = z_crossings(tri, points[idx, :2])
-                above = z > points[idx[col], 2]
-                winding = np.zeros(len(idx), dtype=np.int64)
+            if not len(idx):
+                continue
+            for ax in ((0, 1, 2) if closed else (2,)):
+                sub = idx[axis[idx] == ax] if closed else idx
+                if not len(sub):
+                    continue
+                perm = [(ax + 1) % 3, (ax + 2) % 3, ax]  # cyclic: keeps the winding sign convention
+                t, p = tri[:, :, perm], points[sub][:, perm]
+                col, z, sign = z_crossings(t, p[:, :2])
+                above = z > p[col, 2]
+                winding = np.zeros(len(sub), dtype=np.int64)
                 np.add.at(winding, col[above], sign[above].astype(np.int64))
-                inside[idx] = winding != 0
+                inside[sub] = winding != 0
         return inside
 
     def _inside_convex_union(self, points: np.ndarray) -> np.ndarray:
