@@ -90,8 +90,13 @@ def test_p_first_from_logits_hand_computed():
     assert p.item() == pytest.approx(4 / 5, abs=1e-6)
 
 
+SLOT_PROMPT = "A: <image1> B: <image2> Better 3D shape: A or B?"
+
+
 @pytest.mark.parametrize("arch", ARCHES)
-def test_our_input_path_matches_the_processor_and_model_reference(judges, arch):
+@pytest.mark.parametrize("prompt", [PROMPT, SLOT_PROMPT], ids=["images-first", "image-slots"])
+def test_our_input_path_matches_the_processor_and_model_reference(judges, arch, prompt):
+    PROMPT = prompt  # noqa: N806 - the body below reads the prompt under test
     judge = judges[arch]
     ims = _images(3, seed=5) + _images(1, seed=6, size=(90, 40))   # a second aspect ratio -> left padding
     queries = [(0, 1), (1, 0), (2, 3), (3, 2), (3, 0)]
@@ -247,3 +252,29 @@ def test_batches_are_seeded_and_the_curriculum_draws_clear_pairs_first():
     from judge3d.seeding import rng
     idx = rng(3, "judge-batch", "train", 7).choice(len(pairs), 8, replace=False)
     assert [p["pair_id"] for p in plain] == [pairs[i]["pair_id"] for i in idx]
+
+
+def test_prompt_slots_place_each_image_after_its_letter():
+    from judge3d.judges.hf import prompt_content
+
+    assert prompt_content("Which? A or B.") == [{"type": "image"}, {"type": "image"},
+                                                {"type": "text", "text": "Which? A or B."}]
+    assert prompt_content(SLOT_PROMPT) == [
+        {"type": "text", "text": "A: "}, {"type": "image"}, {"type": "text", "text": " B: "}, {"type": "image"},
+        {"type": "text", "text": " Better 3D shape: A or B?"}]
+    assert prompt_content("<image1><image2>Q") == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q"}]
+    for bad in ("A: <image1> only one", "<image2> then <image1>", "<image1> <image1> <image2>"):
+        with pytest.raises(ValueError, match="image1"):
+            prompt_content(bad)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_tiny_judges_init_scaled_to_their_width(arch):
+    """initializer_range 0.02 (the checkpoints') shrinks every tiny projection ~4x: the ln 2 plateau."""
+    from judge3d.judges.tiny import build_tiny_judge
+
+    sizes = TinySizes(lm=TinyLMSize(hidden=192, layers=1, heads=4, kv_heads=2, intermediate=256),
+                      vision=TinyVisionSize(hidden=128, depth=1, heads=4, intermediate=128, patch=14), image_size=56)
+    model, _, _ = build_tiny_judge(None, arch, sizes, seed=0, save=False)
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert abs(float(q_proj.std()) - 192 ** -0.5) < 0.1 * 192 ** -0.5
