@@ -254,6 +254,19 @@ def test_batches_are_seeded_and_the_curriculum_draws_clear_pairs_first():
     assert [p["pair_id"] for p in plain] == [pairs[i]["pair_id"] for i in idx]
 
 
+def test_paired_orders_show_each_pair_both_ways_in_one_batch():
+    from judge3d.judges.train import sample_batch
+
+    pairs = [{"pair_id": f"o:clear:{i}", "kind": "clear", "better": f"{i}b", "worse": f"{i}w"} for i in range(40)]
+    cfg = TrainConfig(batch_size=8, paired_orders=True, seed=3)
+    batch, better_first = sample_batch(pairs, 2, cfg, "train")
+    ids = [p["pair_id"] for p in batch]
+    assert len(batch) == 8 and len(set(ids)) == 4 and ids[0::2] == ids[1::2]
+    assert better_first.tolist() == [True, False] * 4           # every pair once each way
+    with pytest.raises(ValueError, match="even"):
+        TrainConfig.from_params({"batch_size": 7, "paired_orders": True})
+
+
 def test_prompt_slots_place_each_image_after_its_letter():
     from judge3d.judges.hf import prompt_content
 

@@ -45,6 +45,7 @@ class TrainConfig:
     clear_gap: float = 0.10             # oracle gap at/above which a pair is "clear"
     max_pairs_per_object: int = 40      # per kind, seeded draw
     curriculum_steps: int = 0           # the first steps draw clear pairs only (breaks the ln 2 plateau sooner)
+    paired_orders: bool = False         # each drawn pair appears in both orders within its batch
     min_clear_strict: float = 0.6       # refuse to save below this strict win-rate on clear held-out pairs
     max_clear_flip: float = 0.5         # ... or above this flip rate on them
     refuse_degenerate: bool = True      # off only in the tiny plumbing profile (too few steps to learn)
@@ -57,7 +58,11 @@ class TrainConfig:
         unknown = sorted(set(block) - known)
         if unknown:
             raise ValueError(f"judges.training: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**block)
+        cfg = cls(**block)
+        if cfg.paired_orders and cfg.batch_size % 2:
+            raise ValueError(f"judges.training.batch_size {cfg.batch_size} must be even with paired_orders "
+                             "(each pair is shown in both orders).")
+        return cfg
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -75,15 +80,22 @@ def sample_batch(train_pairs: Sequence[dict], step: int, cfg: TrainConfig, name:
     A seeded draw per (seed, name, step), so a resumed run sees the same batches. During the first
     ``cfg.curriculum_steps`` steps only clear pairs are drawn (when there are at least a batch of them):
     the big oracle gaps teach the judge to compare its two images before the subtle mild pairs come in.
+
+    With ``cfg.paired_orders`` each of ``batch_size / 2`` drawn pairs is shown in both orders. The
+    order-blind part of the judge's answer then gets opposite pushes that cancel within the batch, and
+    what is left of the gradient trains the comparison itself (a control variate for the random order).
     """
     pool = list(train_pairs)
+    n_pairs = cfg.batch_size // 2 if cfg.paired_orders else cfg.batch_size
     if step < cfg.curriculum_steps:
         clear = [p for p in train_pairs if p["kind"] == "clear"]
-        if len(clear) >= cfg.batch_size:
+        if len(clear) >= n_pairs:
             pool = clear
     g = rng(cfg.seed, "judge-batch", name, step)
-    batch = [pool[i] for i in g.choice(len(pool), cfg.batch_size, replace=False)]
-    return batch, g.random(cfg.batch_size) < 0.5
+    drawn = [pool[i] for i in g.choice(len(pool), n_pairs, replace=False)]
+    if cfg.paired_orders:
+        return [p for p in drawn for _ in range(2)], np.tile([True, False], n_pairs)
+    return drawn, g.random(cfg.batch_size) < 0.5
 
 
 def _config_hash(arch: str, sizes: Any, cfg: TrainConfig, prompt: str, pairs: Sequence[dict]) -> str:
