@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+TIMING_KEYS = ("wall_s", "load_s", "train_s")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -56,7 +58,11 @@ def main() -> None:
             live.next_step()
 
         metrics = run_arm(params, args.arm, out, paths, log_step=log_step, device=args.device)
-        live.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) and v is not None})
+        # Wall times go to the dvclive summary and the log, not to train_metrics.json, which
+        # arm-metrics reads: a forced rerun must leave everything downstream up to date.
+        timing = {k: metrics.pop(k) for k in TIMING_KEYS if k in metrics}
+        live.summary.update({k: v for k, v in {**metrics, **timing}.items()
+                             if isinstance(v, (int, float, bool)) and v is not None})
     write_json(metrics_path, metrics)
     if metrics.get("trained") is False:
         probe = f"NOT trained ({metrics['untrained_reason']})"
@@ -65,7 +71,7 @@ def main() -> None:
     else:
         probe = f"feat-MSE {metrics['feat_mse_before']:.4g} -> {metrics['feat_mse_after']:.4g}"
     flag = "  DIVERGED" if metrics["diverged"] else ""
-    print(f"train-adapter@{args.arm}: {probe} in {metrics['wall_s']:.1f} s -> {out}{flag}")
+    print(f"train-adapter@{args.arm}: {probe} in {timing['wall_s']:.1f} s -> {out}{flag}")
 
 
 if __name__ == "__main__":
