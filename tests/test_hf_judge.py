@@ -96,17 +96,16 @@ SLOT_PROMPT = "A: <image1> B: <image2> Better 3D shape: A or B?"
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("prompt", [PROMPT, SLOT_PROMPT], ids=["images-first", "image-slots"])
 def test_our_input_path_matches_the_processor_and_model_reference(judges, arch, prompt):
-    PROMPT = prompt  # noqa: N806 - the body below reads the prompt under test
     judge = judges[arch]
     ims = _images(3, seed=5) + _images(1, seed=6, size=(90, 40))   # a second aspect ratio -> left padding
     queries = [(0, 1), (1, 0), (2, 3), (3, 2), (3, 0)]
     prepared = judge.prepare_images(ims)
     with torch.no_grad():
-        ours = judge.query_logits(prepared, queries, PROMPT)
+        ours = judge.query_logits(prepared, queries, prompt)
     lengths = set()
     for row, (a, b) in enumerate(queries):
-        ref_inputs = judge.reference_inputs(ims[a], ims[b], PROMPT)
-        assert ref_inputs["input_ids"][0].tolist() == judge.query_ids(PROMPT, prepared[a], prepared[b])
+        ref_inputs = judge.reference_inputs(ims[a], ims[b], prompt)
+        assert ref_inputs["input_ids"][0].tolist() == judge.query_ids(prompt, prepared[a], prepared[b])
         lengths.add(ref_inputs["input_ids"].shape[1])
         with torch.no_grad():
             ref = judge.model(**ref_inputs).logits[:, -1]
