@@ -32,4 +32,10 @@ def seed_everything(seed: int, *, deterministic_torch: bool = True) -> None:
         return
     torch.manual_seed(seed)
     if deterministic_torch:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # torch.use_deterministic_algorithms also imports torch._inductor (~2 s a process) just to
+        # set the compiler's flag; nothing here is compiled, so set the kernel switch directly.
+        set_kernels = getattr(torch._C, "_set_deterministic_algorithms", None)
+        if set_kernels is None:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            set_kernels(True, warn_only=True)
