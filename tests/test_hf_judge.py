@@ -290,3 +290,109 @@ def test_tiny_judges_init_scaled_to_their_width(arch):
     model, _, _ = build_tiny_judge(None, arch, sizes, seed=0, save=False)
     q_proj = model.model.language_model.layers[0].self_attn.q_proj.weight
     assert abs(float(q_proj.std()) - 192 ** -0.5) < 0.1 * 192 ** -0.5
+
+
+# ------------------------------------------------------------------ fast-path switches (GPU defaults)
+WINDOWED = TinySizes(lm=TinyLMSize(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128),
+                     vision=TinyVisionSize(hidden=32, depth=3, heads=2, intermediate=60, patch=14), image_size=84)
+
+
+@pytest.fixture(scope="module")
+def windowed_qwen(tmp_path_factory):
+    """A tiny Qwen2.5-VL whose vision windows (56 px) tile its 84 px input unevenly: windows of 16, 8
+    and 4 patches in two blocks, full attention in the last, as the 7B model has at 504 px; its vision
+    MLP width (60) is not a multiple of 64, like the 7B tower's 3420."""
+    root = tmp_path_factory.mktemp("windowed")
+    build_tiny_qwen25vl(root / "qwen", WINDOWED, seed=5)
+    judge = HFJudge.load(root / "qwen", batch_size=4)
+    judge.model.model.visual.window_size = 56
+    return judge
+
+
+def test_gpu_fast_paths_are_off_on_cpu(judges):
+    """The CPU pipeline keeps the stock vision attention and inline image processing by default."""
+    for judge in judges.values():
+        assert judge.arch.grouped_attention is False and judge.prep_workers == 0
+
+
+def test_grouped_vision_attention_is_bit_identical_to_the_stock_path(windowed_qwen, monkeypatch):
+    judge = windowed_qwen
+    prepared = judge.prepare_images(_images(3, seed=4))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    out = {}
+    with torch.inference_mode():
+        for grouped in (False, True):
+            judge.arch.grouped_attention = grouped
+            calls.clear()
+            out[grouped] = (judge.arch.encode(prepared), len(calls))
+    judge.arch.grouped_attention = False
+    (stock, n_stock), (grouped, n_grouped) = out[False], out[True]
+    # stock: one call per window (4 per image: 16, 8, 8, 4 patches) in 2 blocks + one per image in the
+    # full block; grouped: one per distinct length in each windowed block + one for the full block
+    assert n_stock == 3 * (4 * 2 + 1) and n_grouped == 3 * 2 + 1
+    for a, b in zip(stock, grouped):
+        assert torch.equal(a, b)
+    pairs = [(im_a, im_b) for im_a, im_b in zip(_images(3, seed=4), _images(3, seed=5))]
+    pairs += [(b, a) for a, b in pairs]
+    judge.arch.grouped_attention = True
+    p_grouped = judge.p_first(pairs, PROMPT)
+    judge.arch.grouped_attention = False
+    assert np.array_equal(p_grouped, judge.p_first(pairs, PROMPT))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_threaded_prefetch_gives_the_same_p_first(judges, arch):
+    judge = judges[arch]
+    ims = _images(6, seed=7)
+    pairs = [(ims[i], ims[(i + 1) % 6]) for i in range(6)] + [(ims[(i + 1) % 6], ims[i]) for i in range(6)]
+    inline = judge.p_first(pairs, PROMPT)          # batch 4: three batches, so prefetch overlaps
+    judge.prep_workers = 2
+    try:
+        threaded = judge.p_first(pairs, PROMPT)
+    finally:
+        judge.prep_workers = 0
+    assert np.array_equal(inline, threaded)
+
+
+def test_padded_vision_mlp_computes_the_same_function(windowed_qwen):
+    """Zero-padding the vision MLP width only changes rounding: features within float32 noise, same
+    verdicts and P(first) to 1e-6 (fp32 here; on the H200 in bf16 the p_first gap was measured in the
+    benchmark's check, see judge_throughput.py). The model's own weights are untouched afterwards."""
+    judge = windowed_qwen
+    mlp = judge.model.model.visual.blocks[0].mlp
+    shapes = {k: v.shape for k, v in judge.model.state_dict().items()}
+    prepared = judge.prepare_images(_images(3, seed=4))
+    with torch.inference_mode():
+        stock = judge.arch.encode(prepared)
+        judge.arch.pad_mlp = True
+        try:
+            padded = judge.arch.encode(prepared)
+            w, b = judge.arch._padded[mlp.gate_proj]
+            assert w.shape == (64, 32) and not w[60:].any() and not b[60:].any()
+            pairs = [(a, b) for a, b in zip(_images(3, seed=4), _images(3, seed=5))]
+            pairs += [(b, a) for a, b in pairs]
+            p_padded = judge.p_first(pairs, PROMPT)
+        finally:
+            judge.arch.pad_mlp = False
+        p_stock = judge.p_first(pairs, PROMPT)
+    for a, b in zip(stock, padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    judge.arch.pad_mlp = True
+    try:
+        with torch.enable_grad():     # training: the detached padded copies must not be used
+            trained = judge.arch.encode(prepared)
+    finally:
+        judge.arch.pad_mlp = False
+    for a, b in zip(stock, trained):
+        assert torch.equal(a, b.detach())
+    np.testing.assert_allclose(p_padded, p_stock, rtol=0, atol=1e-6)
+    assert ((p_padded > 0.5) == (p_stock > 0.5)).all()
+    assert {k: v.shape for k, v in judge.model.state_dict().items()} == shapes
+    assert mlp.gate_proj.weight.shape == (60, 32)
