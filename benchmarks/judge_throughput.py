@@ -1,7 +1,9 @@
 """Judge throughput, pairs/s (both orders per pair), in one run:
 
   (a) naive baseline: free-text ``generate`` (up to 64 new tokens) one query at a time, parse the letter;
-  (b) our path: HFJudge.p_first, batched, one forward per query, each montage encoded once for both orders.
+  (b) our path: HFJudge.p_first, batched, one forward per query, each montage encoded once for both orders;
+      on CUDA with its GPU fast paths (threaded image prep; Qwen: grouped window attention, padded vision
+      MLP), and again with them off (the CPU defaults) for a before/after on the same card.
 
 Default: the tiny mini-world judges (sizes from params.yaml) on CPU with random weights.
 ``--full``: full-size Qwen2.5-VL-7B / InternVL3-8B architectures built FROM CONFIG (public config values,
@@ -224,9 +226,21 @@ def run(arch: str, judge, n_pairs: int, size: int, prompt: str, max_new_tokens: 
     pairs = [(ims[2 * i], ims[2 * i + 1]) for i in range(n_pairs)]
     naive, parsed = naive_pairs_per_s(judge, pairs[:naive_pairs], prompt, max_new_tokens)
     ours = ours_pairs_per_s(judge, pairs, prompt, repeats)
+    queries = [q for x, y in pairs for q in ((x, y), (y, x))]
+    p_fast = judge.p_first(queries, prompt)
+    fast = (judge.arch.grouped_attention, judge.arch.pad_mlp, judge.prep_workers)
+    # the same batched path without the GPU fast paths (the CPU defaults): before/after on one card
+    judge.arch.grouped_attention, judge.arch.pad_mlp, judge.prep_workers = False, False, 0
+    try:
+        stock = ours_pairs_per_s(judge, pairs, prompt, repeats)
+        p_stock = judge.p_first(queries, prompt)
+    finally:
+        judge.arch.grouped_attention, judge.arch.pad_mlp, judge.prep_workers = fast
     flops, tokens = linear_flops_per_pair(judge, pairs[: max(1, judge.batch_size // 2)], prompt)
     return {"arch": arch, "naive_pairs_per_s": naive, "naive_parsed": f"{parsed}/{2 * min(naive_pairs, n_pairs)}",
-            "ours_pairs_per_s": ours, "speedup": ours / naive, "tokens_per_query": tokens,
+            "ours_pairs_per_s": ours, "stock_pairs_per_s": stock, "fast": fast,
+            "max_dp": float(np.abs(p_fast - p_stock).max()),
+            "verdicts_agree": f"{int(((p_fast > 0.5) == (p_stock > 0.5)).sum())}/{len(queries)}", "speedup": ours / naive, "tokens_per_query": tokens,
             "linear_flops_per_pair": flops, "peak_fraction": flops * ours / PEAK_FLOPS}
 
 
@@ -294,9 +308,18 @@ def main() -> None:
                   f"(letter found in {r['naive_parsed']} answers)")
             print(f"[{arch}] ours batched logprob : {r['ours_pairs_per_s']:8.3f} pairs/s  "
                   f"= {r['speedup']:.1f}x naive  (batch {batch} queries, {r['tokens_per_query']} tokens/query)")
+            grouped, pad, workers = r["fast"]
+            on = f"prep_workers={workers}" + (f", grouped vision attention={grouped}, padded vision MLP={pad}"
+                                              if arch == "qwen2_5_vl" else "")
+            print(f"[{arch}] ours, fast paths off  : {r['stock_pairs_per_s']:8.3f} pairs/s  (as on CPU: inline image "
+                  f"prep{', stock vision attention and MLP' if arch == 'qwen2_5_vl' else ''}; above: {on})")
+            print(f"[{arch}] fast vs off, same {2 * n_pairs} queries: max |delta p_first| {r['max_dp']:.3g}, "
+                  f"verdicts agree {r['verdicts_agree']}")
             print(f"[{arch}] linear FLOPs/pair {r['linear_flops_per_pair']:.3e}; at {r['ours_pairs_per_s']:.3f} "
                   f"pairs/s = {100 * r['peak_fraction']:.3g}% of {PEAK_FLOPS / 1e12:.0f} TFLOP/s"
                   + ("" if device == "cuda" else " (not meaningful off-GPU)"))
+            print(f"[{arch}] fast paths off        : {100 * r['peak_fraction'] * r['stock_pairs_per_s'] / r['ours_pairs_per_s']:.3g}% "
+                  f"of {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
             del judge
             if cuda:
                 torch.cuda.empty_cache()
