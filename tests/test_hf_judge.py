@@ -175,7 +175,8 @@ def test_pickle_only_checkpoint_is_refused(judge_dirs, tmp_path):
 
 
 # ------------------------------------------------------------------ pair data and the degenerate-judge gate
-from judge3d.judges.pairs import build_pairs, corrupt_holes, corrupt_missing_part, corrupt_noise  # noqa: E402
+from judge3d.judges.pairs import (build_pairs, corrupt_holes, corrupt_missing_part, corrupt_noise,  # noqa: E402
+                                  corrupt_speckle)
 from judge3d.judges.train import DegenerateJudgeError, TrainConfig, check_not_degenerate, evaluate_pairs  # noqa: E402
 
 
@@ -212,6 +213,45 @@ def test_corruptions_are_seeded_and_change_the_mesh():
     assert not holed.is_watertight
     fewer = corrupt_missing_part(legs, seed=0)
     assert len(fewer.split(only_watertight=False)) == 2
+
+
+def test_speckle_is_seeded_decoded_and_worse_with_level():
+    trimesh = pytest.importorskip("trimesh")
+    from judge3d.world.geometry import oracle_metrics, validity
+
+    params = {"geometry": {"fscore_tau": 0.02, "n_surface_samples": 1024, "iou_resolution": 16,
+                           "iou_supersample": 2, "reference_factor": 4}}
+    box = trimesh.creation.box((0.5, 0.3, 0.4))
+    a, b, c = (corrupt_speckle(box, 0.05, seed=s, resolution=16) for s in (1, 1, 2))
+    assert np.array_equal(a.vertices, b.vertices) and not np.array_equal(a.vertices, c.vertices)
+    assert a.metadata.get("level_set")  # the generator's decode: marching cubes of an occupancy grid
+    strong = corrupt_speckle(box, 0.15, seed=1, resolution=16)
+    assert validity(strong)["n_components"] > validity(a)["n_components"] > 1  # floaters
+    f_mild, f_strong = (oracle_metrics(m, box, params=params)["fscore"] for m in (a, strong))
+    assert f_strong < f_mild < 1.0
+
+
+def test_candidates_decoded_like_generator_lose_primitive_edges(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    from judge3d.judges.candidates import build_candidates
+
+    gt = trimesh.creation.box((0.5, 0.3, 0.4))
+    gt.export(tmp_path / "gt.ply")
+    world = [{"object_id": "judge_eval-0000-box", "category": "box", "split": "judge_eval",
+              "mesh_path": str(tmp_path / "gt.ply"), "voxel_path": str(tmp_path / "none.npy")}]
+    from judge3d.world.voxel import voxelize
+    np.save(tmp_path / "none.npy", voxelize(gt, 16, 2))
+    params = {"seed": 0, "world": {"voxel_resolution": 16, "voxel_supersample": 2},
+              "geometry": {"fscore_tau": 0.02, "n_surface_samples": 1024, "iou_resolution": 16,
+                           "iou_supersample": 2, "reference_factor": 4},
+              "judge_data": {"corruptions": ["missing"], "levels": [1], "decode_like_generator": False}}
+    raw = {r["source"]: r for r in build_candidates("judge_eval", world, [], tmp_path / "raw", params)}
+    params["judge_data"]["decode_like_generator"] = True
+    dec = {r["source"]: r for r in build_candidates("judge_eval", world, [], tmp_path / "dec", params)}
+    assert raw["ground_truth"]["fscore"] == 1.0 and raw["ground_truth"]["validity"]["n_faces"] == 12
+    # Decoded: a marching-cubes surface of many faces, still close to the shape by the oracle.
+    assert dec["ground_truth"]["validity"]["n_faces"] > 100
+    assert 0.8 < dec["ground_truth"]["fscore"] < 1.0
 
 
 class _AlwaysFirst:

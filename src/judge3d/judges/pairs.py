@@ -6,7 +6,7 @@ score = better mesh). Pairs are built within one object only. A pair whose oracl
 good judge should be unsure). Pairs at or above ``clear_gap`` are "clear"; between the two, "mild".
 
 The corruption functions make extra candidates from a ground-truth mesh (noise, smoothing, holes,
-missing parts); each is deterministic in its seed and never edits its input.
+missing parts, voxel speckle); each is deterministic in its seed and never edits its input.
 """
 from __future__ import annotations
 
@@ -162,12 +162,32 @@ def corrupt_missing_part(mesh, seed: int, n_parts: int = 1, fraction: float = 0.
     return _mesh(mesh.vertices, mesh.faces[keep])
 
 
+def corrupt_speckle(mesh, flip_prob: float, seed: int, resolution: int = 32):
+    """Voxel speckle: the shape's occupancy grid with each voxel of its bounding box (one voxel of
+    margin) flipped with ``flip_prob``, decoded by marching cubes. This is what a generator's
+    decoder makes of an occupancy that is still partly noise (too few steps, a diverged
+    adapter): floaters around the object and pits in it."""
+    from judge3d.world.voxel import occupancy_to_mesh, voxelize
+
+    occ = voxelize(mesh, resolution, 2) >= 0.5
+    filled = np.argwhere(occ)
+    if not len(filled):
+        return _mesh(mesh.vertices, mesh.faces)
+    lo = np.maximum(filled.min(axis=0) - 1, 0)
+    hi = np.minimum(filled.max(axis=0) + 2, resolution)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    flips = rng(seed, "speckle").random(occ[box].shape) < flip_prob
+    occ[box] ^= flips
+    return occupancy_to_mesh(occ.astype(np.float32))
+
+
 # level 1..3 = mild..strong; strengths chosen so level 3 is plainly visible in a 56 px montage view
 CORRUPTIONS: dict[str, Callable[..., Any]] = {
     "noise": lambda m, level, seed: corrupt_noise(m, sigma=0.012 * level, seed=seed),
     "smooth": lambda m, level, seed: corrupt_smooth(m, iterations=8 * level, seed=seed),
     "holes": lambda m, level, seed: corrupt_holes(m, n_holes=3 * level, radius=0.05 + 0.02 * level, seed=seed),
     "missing": lambda m, level, seed: corrupt_missing_part(m, seed=seed, n_parts=level, fraction=0.15 * level),
+    "speckle": lambda m, level, seed: corrupt_speckle(m, flip_prob=0.04 * level, seed=seed),
 }
 
 
