@@ -144,6 +144,12 @@ def test_lora_at_init_is_bit_identical_and_disable_gives_base(tmp_path):
     reloaded = lora.load_adapter(fresh.flow_model, tmp_path / "arm")
     with torch.no_grad():
         assert torch.equal(reloaded(x, t, c), adapted)
+    # Saved bytes do not depend on the process's hash order (peft keeps target_modules as a set).
+    saved = json.loads((tmp_path / "arm" / lora.ADAPTER_CONFIG).read_text())
+    assert saved["target_modules"] == sorted(TARGETS)
+    lora.save_adapter(reloaded, tmp_path / "again")
+    assert ((tmp_path / "arm" / lora.ADAPTER_CONFIG).read_bytes()
+            == (tmp_path / "again" / lora.ADAPTER_CONFIG).read_bytes())
 
 
 def test_lora_bad_target_names_the_layers():

@@ -6,6 +6,7 @@ reached with ``with model.disable_adapter():`` on the same module, so no second 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -87,6 +88,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (out_dir / name).is_file():
             raise RuntimeError(f"peft save_pretrained did not write {out_dir / name}")
+    # peft keeps target_modules as a set and writes it in the process's hash order, so the same
+    # adapter saved by two runs differed byte-wise; a sorted list is read back the same way.
+    config_path = out_dir / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
