@@ -155,3 +155,50 @@ def _ring_grid():
     grid[8:24, 12:20, 8:24] = 1.0
     grid[13:19, 12:20, 13:19] = 0.0
     return grid
+
+
+def _topology_cases():
+    box = trimesh.creation.box(extents=[0.3, 0.3, 0.3])
+    f = box.faces
+    far = box.copy()
+    far.apply_translation([2, 0, 0])
+    noisy = np.clip(_ring_grid() + np.random.default_rng(0).normal(0, 0.3, (R, R, R)), 0, 1)
+    return {
+        "box": box,
+        "open": trimesh.Trimesh(box.vertices, f[:-2], process=False),
+        "flipped": trimesh.Trimesh(box.vertices, np.vstack([f[:-1], f[-1:, ::-1]]), process=False),
+        "duplicate face": trimesh.Trimesh(box.vertices, np.vstack([f, f[:1]]), process=False),
+        "non-manifold edge": trimesh.Trimesh(box.vertices, np.vstack([f, [[f[0, 0], f[0, 1], 7]]]), process=False),
+        "repeated vertex": trimesh.Trimesh(box.vertices, np.vstack([f, [[0, 0, 1]]]), process=False),
+        "two bodies": trimesh.util.concatenate([box, far]),
+        "multi-body chair": build_shape("chair", 3),
+        "ring": occupancy_to_mesh(_ring_grid()),
+        "noisy decode": occupancy_to_mesh(noisy.astype(np.float32)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_topology_cases()))
+def test_edge_topology_matches_trimesh(name):
+    from judge3d.world.topology import edge_topology
+
+    mesh = _topology_cases()[name]
+    ref = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    topo = edge_topology(mesh.faces, len(mesh.vertices))
+    assert topo.watertight == ref.is_watertight
+    assert topo.winding_consistent == ref.is_winding_consistent
+    assert topo.n_components == len(trimesh.graph.connected_components(
+        ref.face_adjacency, nodes=np.arange(len(ref.faces)), min_len=1))
+    assert topo.n_edges == len(ref.edges_unique)
+
+
+def test_separable_upsample_equals_scipy_trilinear_interpolation():
+    from scipy import ndimage
+
+    from judge3d.world.voxel import upsample_trilinear
+
+    grid = np.random.default_rng(1).random((6, 7, 5))
+    for factor in (1, 2, 3):
+        axes = [np.arange((n - 1) * factor + 1) / factor for n in grid.shape]
+        coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+        expected = ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
+        assert np.allclose(upsample_trilinear(grid, factor), expected, rtol=0, atol=1e-15)

@@ -138,7 +138,9 @@ def _require_columns(path, rows: list[dict], keys: Sequence[str]) -> None:
 
 # -- targets -----------------------------------------------------------------------------------
 def load_target(generator, row: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
-    """One candidate's x0 (``*latent``), or (None, reason). Prefers the saved latent."""
+    """One candidate's x0 (``*latent``), or (None, reason). Prefers the saved latent, then the
+    occupancy grid the generate stage saved (the mesh voxelized for the oracle's IoU), and only
+    then voxelizes the mesh itself."""
     lat_path = row.get("latent_path")
     shape = tuple(generator.latent_shape)
     if lat_path:
@@ -154,6 +156,12 @@ def load_target(generator, row: dict[str, Any]) -> tuple[torch.Tensor | None, st
     from judge3d.world.geometry import load_mesh
     from judge3d.world.voxel import voxelize
 
+    resolution = shape[-1]
+    occupancy_path = row.get("occupancy_path")
+    if occupancy_path and Path(occupancy_path).is_file():
+        occ = np.load(occupancy_path, allow_pickle=False)
+        if occ.shape == (resolution,) * 3 and np.isfinite(occ).all():
+            return generator.encode_shapes(occ.astype(np.float32)[None])[0].cpu(), None
     mesh_path = row.get("mesh_path")
     if not mesh_path:
         return None, "missing"
@@ -161,7 +169,6 @@ def load_target(generator, row: dict[str, Any]) -> tuple[torch.Tensor | None, st
     for bad in ("missing", "corrupt", "nan"):
         if flags.get(bad):
             return None, bad
-    resolution = shape[-1]
     occ = voxelize(mesh, resolution) if mesh is not None else np.zeros((resolution,) * 3, np.float32)
     return generator.encode_shapes(occ[None])[0].cpu(), None
 

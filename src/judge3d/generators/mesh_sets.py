@@ -131,57 +131,126 @@ def _batches(jobs: list[Job], size: int) -> Iterable[list[Job]]:
 
 def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: dict[str, Any], *,
                  batch_size: int = 32, cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 set_name: str = "", extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 set_name: str = "", extra: dict[str, Any] | None = None,
+                 workers: int | None = None) -> list[dict[str, Any]]:
     """Sample, decode, save and score every job; resumable through ``<out_dir>/.partial.jsonl``.
 
     ``cond_transform`` maps conditioning tokens before sampling (the repair arms); the generator
     only ever sees the input image, never the ground truth. Oracle metrics are computed after
-    decoding, from the ground-truth files.
+    decoding, from the ground-truth files. Saving and scoring run in ``workers`` processes
+    (:mod:`judge3d.parallel`; default ``$JUDGE3D_WORKERS`` or the CPU count) while this process
+    samples the next batch; rows are identical for any worker count.
     """
-    from judge3d.world.geometry import load_mesh, oracle_metrics, prepare_ground_truth, validity
+    from judge3d.parallel import ordered_map
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / ".partial.jsonl"
     done = {r["candidate"]: r for r in read_jsonl(partial)} if partial.exists() else {}
     todo = [j for j in jobs if j.candidate not in done]
-    refs: dict[str, Any] = {}
     t0 = time.time()
-    with JsonlAppender(partial) as sink, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
-                                              desc=f"generate {set_name}".strip()) as bar:
+
+    def decoded():
         for batch in _batches(todo, batch_size):
             cond = gen.encode_images([load_image(j.image_path) for j in batch])
             if cond_transform is not None:
                 cond = cond_transform(cond)
             latents = gen.sample(cond, seed=[j.seed for j in batch], **batch[0].budget.sampler_kwargs())
             for job, mesh in zip(batch, gen.decode(latents)):
-                mesh_path = out_dir / f"{job.candidate}.ply"
-                empty = bool(mesh.metadata.get("empty", len(mesh.faces) == 0))
-                if not empty:
-                    mesh.export(mesh_path)
-                elif mesh_path.exists():
-                    mesh_path.unlink()
-                if job.object_id not in refs:
-                    gt_mesh, flags = load_mesh(job.mesh_path_gt)
-                    if gt_mesh is None:
-                        raise ValueError(f"ground-truth mesh {job.mesh_path_gt} unusable ({flags}); rerun data")
-                    refs[job.object_id] = prepare_ground_truth(gt_mesh, np.load(job.voxel_path_gt), params=params)
-                metrics = oracle_metrics(None if empty else mesh, refs[job.object_id], params=params,
-                                         pred_flags={"empty": empty, "nan": bool(mesh.metadata.get("nan"))})
-                row = {"object_id": job.object_id, "category": job.category, "split": job.split,
-                       "regime": job.regime, "budget": job.budget.name, "steps": job.budget.steps,
-                       "cfg_strength": job.budget.cfg_strength, "cfg_interval": list(job.budget.cfg_interval),
-                       "rescale_t": job.budget.rescale_t, "seed": job.seed, "seed_index": job.seed_index,
-                       "candidate": job.candidate, "input_image_path": job.image_path,
-                       "mesh_path": mesh_path.as_posix(), "gt_mesh_path": job.mesh_path_gt,
-                       "set": set_name, **metrics, "empty": empty, "validity": validity(None if empty else mesh)}
-                row.update(extra or {})
-                sink.append(row)
-                done[job.candidate] = row
-                bar.update(1)
+                yield job, MeshPayload.of(mesh)
+
+    score = _CandidateScorer(out_dir, params, set_name, extra or {})
+    with JsonlAppender(partial) as sink, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
+                                              desc=f"generate {set_name}".strip()) as bar:
+        for row in ordered_map(score, decoded(), workers):
+            sink.append(row)
+            done[row["candidate"]] = row
+            bar.update(1)
     rows = [done[j.candidate] for j in jobs]
     write_jsonl(out_dir / "manifest.jsonl", rows)
     partial.unlink(missing_ok=True)
     print(f"generate {set_name}: {len(todo)} new candidates in {time.time() - t0:.1f} s "
           f"({len(jobs) - len(todo)} resumed)")
     return rows
+
+
+@dataclass(frozen=True)
+class MeshPayload:
+    """A decoded mesh as plain arrays: cheap to send to a worker process, rebuilt there as is."""
+    vertices: np.ndarray
+    faces: np.ndarray
+    metadata: dict[str, Any]
+
+    @classmethod
+    def of(cls, mesh) -> "MeshPayload":
+        return cls(np.asarray(mesh.vertices), np.asarray(mesh.faces), dict(mesh.metadata))
+
+    def mesh(self):
+        import trimesh
+
+        return trimesh.Trimesh(self.vertices, self.faces, process=False, metadata=dict(self.metadata))
+
+
+class _CandidateScorer:
+    """Save one decoded candidate, score it against its ground truth and build its manifest row.
+    Each worker process keeps its own cache of ground-truth references."""
+
+    def __init__(self, out_dir: Path, params: dict[str, Any], set_name: str, extra: dict[str, Any]):
+        from judge3d.world.geometry import GeometryConfig
+
+        self.out_dir, self.set_name, self.extra = out_dir, set_name, extra
+        self.geometry = GeometryConfig.from_params(params)
+        self.refs: dict[str, Any] = {}
+
+    def reference(self, job: Job):
+        from judge3d.world.geometry import load_mesh, prepare_ground_truth
+
+        if job.object_id not in self.refs:
+            gt_mesh, flags = load_mesh(job.mesh_path_gt)
+            if gt_mesh is None:
+                raise ValueError(f"ground-truth mesh {job.mesh_path_gt} unusable ({flags}); rerun data")
+            self.refs[job.object_id] = prepare_ground_truth(gt_mesh, np.load(job.voxel_path_gt), params=self.geometry)
+        return self.refs[job.object_id]
+
+    def __call__(self, item: tuple[Job, MeshPayload]) -> dict[str, Any]:
+        from judge3d.world.geometry import oracle_metrics, validity
+        from judge3d.world.voxel import voxelize
+
+        job, payload = item
+        mesh = payload.mesh()
+        mesh_path = self.out_dir / f"{job.candidate}.ply"
+        occupancy_path = self.out_dir / f"{job.candidate}{OCCUPANCY_SUFFIX}"
+        empty = bool(mesh.metadata.get("empty", len(mesh.faces) == 0))
+        pred_voxels = None
+        if not empty:
+            mesh.export(mesh_path)
+            # The grid the oracle's IoU is computed on, kept for the arms' training targets
+            # (adapt.data.load_target), which would otherwise voxelize every mesh again.
+            pred_voxels = voxelize(mesh, self.geometry.iou_resolution, self.geometry.iou_supersample)
+            save_occupancy(occupancy_path, pred_voxels)
+        else:
+            mesh_path.unlink(missing_ok=True)
+            occupancy_path.unlink(missing_ok=True)
+        metrics = oracle_metrics(None if empty else mesh, self.reference(job), params=self.geometry,
+                                 pred_flags={"empty": empty, "nan": bool(mesh.metadata.get("nan"))},
+                                 pred_voxels=pred_voxels)
+        row = {"object_id": job.object_id, "category": job.category, "split": job.split,
+               "regime": job.regime, "budget": job.budget.name, "steps": job.budget.steps,
+               "cfg_strength": job.budget.cfg_strength, "cfg_interval": list(job.budget.cfg_interval),
+               "rescale_t": job.budget.rescale_t, "seed": job.seed, "seed_index": job.seed_index,
+               "candidate": job.candidate, "input_image_path": job.image_path,
+               "mesh_path": mesh_path.as_posix(),
+               "occupancy_path": None if empty else occupancy_path.as_posix(),
+               "gt_mesh_path": job.mesh_path_gt,
+               "set": self.set_name, **metrics, "empty": empty, "validity": validity(None if empty else mesh)}
+        row.update(self.extra)
+        return row
+
+
+OCCUPANCY_SUFFIX = ".occupancy.npy"
+
+
+def save_occupancy(path: Path, grid: np.ndarray) -> None:
+    """float16 on disk: occupancy fractions are k / supersample^3 with supersample^3 <= 512, which
+    float16 holds exactly, at half the bytes of float32."""
+    np.save(path, np.asarray(grid, dtype=np.float16), allow_pickle=False)

@@ -10,6 +10,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from judge3d.io import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
+from judge3d.parallel import ordered_map
+from judge3d.render.egl import context_started
 from judge3d.render.montage import MontageRenderer
 
 PROGRESS_FILE = ".render_progress.jsonl"
@@ -42,8 +44,6 @@ def render_manifest(manifest: str | Path, out_dir: str | Path, params: Mapping[s
     of the montage), ``render_n_faces``. Resumable: a row whose PNG and progress record both exist
     is not rendered again.
     """
-    from judge3d.world.geometry import load_mesh
-
     rows = read_jsonl(manifest)
     names = [montage_name(row, i) for i, row in enumerate(rows)]
     seen: dict[str, int] = {}
@@ -62,29 +62,19 @@ def render_manifest(manifest: str | Path, out_dir: str | Path, params: Mapping[s
     if progress_path.exists():
         done = {rec["name"]: rec["flags"] for rec in iter_jsonl(progress_path)}
 
-    with MontageRenderer.from_params(params) as renderer, JsonlAppender(progress_path) as progress:
-        todo = [(i, n) for i, n in enumerate(names) if not (n in done and (out_dir / f"{n}.png").is_file())]
-        for i, name in tqdm(todo, desc="render montages", unit="mesh", initial=len(names) - len(todo),
-                            total=len(names)):
-            mesh, load_flags = load_mesh(rows[i]["mesh_path"])
-            image, info = renderer.render(mesh)
-            load_flags = {k for k, v in (load_flags or {}).items() if v}
-            blank = mesh is None or info["empty"] or info["nan"] or info["corrupt"]
-            flags = {
-                "render_empty": bool(blank),  # the montage shows only background
-                "render_nan": bool(info["nan"] or "nan" in load_flags),
-                "render_corrupt": bool(info["corrupt"] or "corrupt" in load_flags),
-                "render_clipped": bool(info["clipped"]),
-                "render_coverage": round(float(info["coverage"]), 6),
-                "render_n_faces": int(info["n_faces"]),
-                "render_load_flags": sorted(load_flags),
-            }
-            target = out_dir / f"{name}.png"
-            tmp = target.with_suffix(".png.tmp")
-            Image.fromarray(image).save(tmp, format="PNG")
-            os.replace(tmp, target)
-            progress.append({"flags": flags, "name": name})
-            done[name] = flags
+    todo = [(i, n) for i, n in enumerate(names) if not (n in done and (out_dir / f"{n}.png").is_file())]
+    task = _RenderTask(params, out_dir)
+    # Workers fork from this process; one that already holds an EGL context renders inline instead.
+    workers = 1 if context_started() else None
+    try:
+        with JsonlAppender(progress_path) as progress:
+            results = ordered_map(task, [(name, rows[i]["mesh_path"]) for i, name in todo], workers)
+            for name, flags in tqdm(results, desc="render montages", unit="mesh", initial=len(names) - len(todo),
+                                    total=len(names)):
+                progress.append({"flags": flags, "name": name})
+                done[name] = flags
+    finally:
+        task.close()
 
     out_rows = []
     for row, name in zip(rows, names):
@@ -95,3 +85,42 @@ def render_manifest(manifest: str | Path, out_dir: str | Path, params: Mapping[s
     write_jsonl(out_dir / "manifest.jsonl", out_rows)
     progress_path.unlink()  # complete: the manifest now holds every row's flags
     return out_rows
+
+
+class _RenderTask:
+    """Render one mesh file to ``<out_dir>/<name>.png`` and return its flags. The renderer (an EGL
+    context) is opened on first use, so each worker process gets its own."""
+
+    def __init__(self, params: Mapping[str, Any], out_dir: Path):
+        self.params, self.out_dir = params, out_dir
+        self.renderer: MontageRenderer | None = None
+
+    def __call__(self, item: tuple[str, str]) -> tuple[str, dict[str, Any]]:
+        from judge3d.world.geometry import load_mesh
+
+        name, mesh_path = item
+        if self.renderer is None:
+            self.renderer = MontageRenderer.from_params(self.params)
+        mesh, load_flags = load_mesh(mesh_path)
+        image, info = self.renderer.render(mesh)
+        load_flags = {k for k, v in (load_flags or {}).items() if v}
+        blank = mesh is None or info["empty"] or info["nan"] or info["corrupt"]
+        flags = {
+            "render_empty": bool(blank),  # the montage shows only background
+            "render_nan": bool(info["nan"] or "nan" in load_flags),
+            "render_corrupt": bool(info["corrupt"] or "corrupt" in load_flags),
+            "render_clipped": bool(info["clipped"]),
+            "render_coverage": round(float(info["coverage"]), 6),
+            "render_n_faces": int(info["n_faces"]),
+            "render_load_flags": sorted(load_flags),
+        }
+        target = self.out_dir / f"{name}.png"
+        tmp = target.with_suffix(".png.tmp")
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, target)
+        return name, flags
+
+    def close(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+            self.renderer = None

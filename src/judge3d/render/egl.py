@@ -46,7 +46,18 @@ def offscreen_renderer(width: int, height: int):
             "(Mesa's llvmpipe renders on the CPU; no GPU needed)."
         ) from exc
     _destroy_context_only(renderer._platform)
+    global _STARTED
+    _STARTED = True
     return renderer
+
+
+_STARTED = False
+
+
+def context_started() -> bool:
+    """Whether this process has opened an EGL context. A forked child of such a process should
+    not render: it would inherit the parent's EGL display state half-copied (no driver threads)."""
+    return _STARTED
 
 
 def _destroy_context_only(platform) -> None:

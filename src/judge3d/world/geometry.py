@@ -21,6 +21,7 @@ from scipy.spatial import cKDTree
 
 from judge3d.config import ParamsError, require
 from judge3d.seeding import derive_seed
+from judge3d.world.topology import edge_topology
 from judge3d.world.voxel import points_inside, voxelize, z_crossings
 
 # Worst Chamfer-L1: the diagonal of the canonical cube; every Chamfer value is clipped to it so
@@ -265,7 +266,10 @@ class Reference:
 def _reference(mesh, cfg: GeometryConfig) -> Reference:
     seed = derive_seed("geometry", "surface-samples", cfg.n_surface_samples, cfg.reference_factor)
     pts, nrm = surface_samples(mesh, cfg.n_surface_samples * cfg.reference_factor, seed)
-    return Reference(pts, nrm, cKDTree(pts) if len(pts) else None)
+    # An unbalanced, non-compacted tree builds ~2x and queries ~1.3x faster here; nearest
+    # neighbours are exact either way.
+    tree = cKDTree(pts, balanced_tree=False, compact_nodes=False) if len(pts) else None
+    return Reference(pts, nrm, tree)
 
 
 def prepare_ground_truth(gt_mesh, gt_voxels: np.ndarray | None = None, *, params) -> Reference:
@@ -286,7 +290,8 @@ def prepare_ground_truth(gt_mesh, gt_voxels: np.ndarray | None = None, *, params
 
 
 def oracle_metrics(pred_mesh, gt_mesh, gt_voxels: np.ndarray | None = None, *, params,
-                   pred_flags: Mapping[str, bool] | None = None) -> dict[str, Any]:
+                   pred_flags: Mapping[str, bool] | None = None,
+                   pred_voxels: np.ndarray | None = None) -> dict[str, Any]:
     """Volumetric IoU, Chamfer-L1, F-score@tau (+ precision/recall), normal consistency, oracle_score.
 
     ``gt_mesh`` is a mesh or a :class:`Reference` from :func:`prepare_ground_truth` (faster when
@@ -300,7 +305,8 @@ def oracle_metrics(pred_mesh, gt_mesh, gt_voxels: np.ndarray | None = None, *, p
     - F-score: harmonic mean of precision (pred points within tau of GT) and recall (GT within tau of pred).
     - Normal consistency: mean |cos| between each query normal and its nearest neighbour's, both ways.
     A None/empty/NaN prediction (or ``pred_flags`` from :func:`load_mesh` marking one) gets
-    :func:`worst_metrics` with its flag set.
+    :func:`worst_metrics` with its flag set. ``pred_voxels``: the prediction's
+    ``voxelize(pred_mesh, iou_resolution, iou_supersample)`` when the caller has it already.
     """
     cfg = _config(params)
     gt = gt_mesh if isinstance(gt_mesh, Reference) else prepare_ground_truth(gt_mesh, gt_voxels, params=cfg)
@@ -326,7 +332,10 @@ def oracle_metrics(pred_mesh, gt_mesh, gt_voxels: np.ndarray | None = None, *, p
     chamfer = min(CHAMFER_CAP, 0.5 * (float(d_pg.mean()) + float(d_gp.mean())))
     nc = 0.5 * (float(np.abs(np.sum(p_nrm * gt.normals[i_pg], axis=1)).mean())
                 + float(np.abs(np.sum(g_nrm * pred.normals[i_gp], axis=1)).mean()))
-    iou = soft_iou(voxelize(pred_mesh, cfg.iou_resolution, cfg.iou_supersample), gt.voxels)
+    r = cfg.iou_resolution
+    if pred_voxels is None or np.shape(pred_voxels) != (r, r, r):
+        pred_voxels = voxelize(pred_mesh, r, cfg.iou_supersample)
+    iou = soft_iou(np.asarray(pred_voxels, dtype=np.float32), gt.voxels)
 
     out = {"iou": iou, "chamfer_l1": chamfer, "fscore": fscore, "precision": precision, "recall": recall,
            "normal_consistency": nc, "oracle_score": fscore}
@@ -351,14 +360,11 @@ def validity(mesh) -> dict[str, Any]:
     repeated = (faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 0] == faces[:, 2])
     out["n_degenerate_faces"] = int(np.sum(~np.isfinite(area2) | (area2 <= _DEGENERATE_AREA) | repeated))
     # Topology on the face indices as given (no re-processing, which would drop NaN faces).
-    topo = trimesh.Trimesh(vertices=np.nan_to_num(vertices), faces=faces, process=False)
-    # Undirected edges as one int64 key each: a 1-D unique is ~20x faster than unique(axis=0).
-    edges = np.sort(topo.edges, axis=1)
-    n_edges = len(np.unique(edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]))
-    out["euler_number"] = int(len(np.unique(faces)) - n_edges + len(faces))
-    out["n_components"] = int(len(trimesh.graph.connected_components(
-        topo.face_adjacency, nodes=np.arange(len(faces)), min_len=1)))
+    topo = edge_topology(faces, len(vertices))
+    n_used_vertices = int(np.count_nonzero(np.bincount(faces.ravel(), minlength=len(vertices))))
+    out["euler_number"] = n_used_vertices - topo.n_edges + len(faces)
+    out["n_components"] = topo.n_components
     if not flags["nan"]:
-        out["watertight"] = bool(topo.is_watertight)
-        out["winding_consistent"] = bool(topo.is_winding_consistent)
+        out["watertight"] = topo.watertight
+        out["winding_consistent"] = topo.winding_consistent
     return out

@@ -1,0 +1,70 @@
+"""Ordered process pools for the per-mesh CPU work (decode, oracle scoring, validity, rendering).
+
+That work is single-threaded numpy/scipy/trimesh, so on a 2-core machine one process leaves a core
+idle (measured: two scoring processes each run at ~0.85-0.95x the speed of one alone). Results
+never depend on the worker count: every item is computed by the same function from the same
+inputs (all randomness is keyed by names, see :mod:`judge3d.seeding`), and results come back in
+input order, so manifests and metrics are byte-identical for any ``JUDGE3D_WORKERS``.
+
+Workers are forked, so they inherit the parent's imports and loaded objects for free; they must
+not call into torch (a forked child that enters torch's OpenMP pool can hang), which is why only
+numpy-side work is sent to them.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+WORKERS_ENV = "JUDGE3D_WORKERS"
+
+
+def worker_count() -> int:
+    """Processes for per-item CPU work: ``$JUDGE3D_WORKERS`` if set (1 = inline, no pool), else the
+    CPUs this process may run on. Not a DVC param on purpose: it changes speed, never results."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            raise ValueError(f"{WORKERS_ENV}={raw!r} is not an integer; set it to 1 (no pool) or more") from None
+        if n < 1:
+            raise ValueError(f"{WORKERS_ENV}={n}: use 1 (no pool) or more")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
+                initializer: Callable[[], None] | None = None) -> Iterator[R]:
+    """``map(fn, items)`` over ``workers`` forked processes, yielding results in input order as they
+    complete (so a caller can log each one and resume after a crash). Inline when workers <= 1,
+    when there is at most one item, or where fork is unavailable. An exception in a worker is
+    re-raised here with its original type."""
+    items = list(items)
+    workers = worker_count() if workers is None else int(workers)
+    workers = min(workers, len(items))
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        if initializer is not None:
+            initializer()
+        yield from map(fn, items)
+        return
+    global _FN
+    previous, _FN = _FN, fn  # forked workers see it as a global: fn may be a closure
+    try:
+        with mp.get_context("fork").Pool(workers, initializer=initializer) as pool:
+            yield from pool.imap(_call, items, chunksize=1)
+    finally:
+        _FN = previous
+
+
+_FN: Callable | None = None
+
+
+def _call(item):
+    return _FN(item)
