@@ -172,3 +172,14 @@ def test_pooled_render_writes_the_same_montages_as_inline(tmp_path):
     assert [r["render_empty"] for r in read_jsonl(outs["2"] / "manifest.jsonl")] == [False, False, False, True]
     for name in ("c0", "c1", "c2", "gone"):
         assert (outs["1"] / f"{name}.png").read_bytes() == (outs["2"] / f"{name}.png").read_bytes()
+
+
+def _interrupted(x: int) -> int:
+    if x == 2:
+        raise KeyboardInterrupt("simulated kill")
+    return x
+
+
+def test_a_worker_interrupted_mid_task_fails_the_map_instead_of_hanging_it():
+    with pytest.raises(RuntimeError, match="KeyboardInterrupt"):
+        list(ordered_map(_interrupted, range(5), workers=2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -54,17 +55,31 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = 
             initializer()
         yield from map(fn, items)
         return
-    global _FN
-    previous, _FN = _FN, fn  # forked workers see it as a global: fn may be a closure
+    global _FN, _INIT
+    previous, _FN, _INIT = (_FN, _INIT), fn, initializer  # forked workers see these as globals: closures work
     try:
-        with mp.get_context("fork").Pool(workers, initializer=initializer) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=_start_worker) as pool:
             yield from pool.imap(_call, items, chunksize=1)
     finally:
-        _FN = previous
+        _FN, _INIT = previous
 
 
 _FN: Callable | None = None
+_INIT: Callable[[], None] | None = None
+
+
+def _start_worker() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool (leaving the `with`
+    # terminates it), so a worker must not die of SIGINT mid-task and leave the pool waiting.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _INIT is not None:
+        _INIT()
 
 
 def _call(item):
-    return _FN(item)
+    try:
+        return _FN(item)
+    except Exception:
+        raise
+    except BaseException as exc:  # KeyboardInterrupt/SystemExit would kill the worker and hang the pool
+        raise RuntimeError(f"worker stopped by {type(exc).__name__}: {exc}") from None

@@ -106,16 +106,28 @@ def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *
     done = _finished_objects(partial, root)
 
     planned = plan_objects(cfg)
+
+    def reusable(plan) -> bool:
+        previous = done.get(plan["object_id"])
+        return previous is not None and previous["build_key"] == _build_key(plan, cfg)
+
+    # With the default renderer, objects are built in worker processes (judge3d.parallel), each
+    # opening its own EGL context; inline where this process holds one already, or where the caller
+    # passed its own render_fn (which may keep state this process needs).
+    from judge3d.parallel import ordered_map
+    from judge3d.render.egl import context_started
+
+    workers = 1 if render_fn is not None or context_started() else None
+    built = ordered_map(lambda plan: _build_object(plan, cfg, out_dir, root, render),
+                        [plan for plan in planned if not reusable(plan)], workers)
     rows = []
     with JsonlAppender(partial) as log:
         for plan in tqdm(planned, desc="world", unit="obj", disable=not progress):
-            key = _build_key(plan, cfg)
-            previous = done.get(plan["object_id"])
-            if previous is not None and previous["build_key"] == key:
-                rows.append(previous)
+            if reusable(plan):
+                rows.append(done[plan["object_id"]])
                 continue
-            row = _build_object(plan, cfg, out_dir, root, render)
-            row["build_key"] = key
+            row = next(built)
+            row["build_key"] = _build_key(plan, cfg)
             log.append(row)
             rows.append(row)
     manifest = [{k: v for k, v in r.items() if k not in ("build_key", "sha256")} for r in rows]
