@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -105,6 +106,12 @@ class Generator(abc.ABC):
     def decode(self, latents: torch.Tensor) -> list:
         """Latents -> trimesh meshes in the canonical frame; an empty one has ``metadata['empty']``."""
 
+    def decode_jobs(self, latents: torch.Tensor) -> list:
+        """Latents -> one picklable job per sample whose ``.mesh()`` is what :meth:`decode` returns,
+        so CPU-side decoding can run in worker processes (judge3d.parallel). The default decodes
+        here and ships the finished meshes; a generator whose decoder is CPU work overrides it."""
+        return [MeshPayload.of(mesh) for mesh in self.decode(latents)]
+
     # -- flow ---------------------------------------------------------------------------------
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.flow_model(x_t, t, cond)
@@ -139,3 +146,20 @@ class Generator(abc.ABC):
     @abc.abstractmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto") -> "Generator":
         """Rebuild from a folder written by :meth:`save`."""
+
+
+@dataclass(frozen=True)
+class MeshPayload:
+    """A decoded mesh as plain arrays: cheap to send to a worker process, rebuilt there as is."""
+    vertices: np.ndarray
+    faces: np.ndarray
+    metadata: dict[str, Any]
+
+    @classmethod
+    def of(cls, mesh) -> "MeshPayload":
+        return cls(np.asarray(mesh.vertices), np.asarray(mesh.faces), dict(mesh.metadata))
+
+    def mesh(self):
+        import trimesh
+
+        return trimesh.Trimesh(self.vertices, self.faces, process=False, metadata=dict(self.metadata))

@@ -138,8 +138,9 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
     ``cond_transform`` maps conditioning tokens before sampling (the repair arms); the generator
     only ever sees the input image, never the ground truth. Oracle metrics are computed after
     decoding, from the ground-truth files. Saving and scoring run in ``workers`` processes
-    (:mod:`judge3d.parallel`; default ``$JUDGE3D_WORKERS`` or the CPU count) while this process
-    samples the next batch; rows are identical for any worker count.
+    (:mod:`judge3d.parallel`; default ``$JUDGE3D_WORKERS`` or the CPU count), decoding too where
+    the generator allows (:meth:`Generator.decode_jobs`), while this process samples the next
+    batch; rows are identical for any worker count.
     """
     from judge3d.parallel import ordered_map
 
@@ -156,8 +157,8 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
             if cond_transform is not None:
                 cond = cond_transform(cond)
             latents = gen.sample(cond, seed=[j.seed for j in batch], **batch[0].budget.sampler_kwargs())
-            for job, mesh in zip(batch, gen.decode(latents)):
-                yield job, MeshPayload.of(mesh)
+            # Decoding runs in the workers too, where the generator allows it (Generator.decode_jobs).
+            yield from zip(batch, gen.decode_jobs(latents))
 
     score = _CandidateScorer(out_dir, params, set_name, extra or {})
     with JsonlAppender(partial) as sink, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
@@ -172,23 +173,6 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
     print(f"generate {set_name}: {len(todo)} new candidates in {time.time() - t0:.1f} s "
           f"({len(jobs) - len(todo)} resumed)")
     return rows
-
-
-@dataclass(frozen=True)
-class MeshPayload:
-    """A decoded mesh as plain arrays: cheap to send to a worker process, rebuilt there as is."""
-    vertices: np.ndarray
-    faces: np.ndarray
-    metadata: dict[str, Any]
-
-    @classmethod
-    def of(cls, mesh) -> "MeshPayload":
-        return cls(np.asarray(mesh.vertices), np.asarray(mesh.faces), dict(mesh.metadata))
-
-    def mesh(self):
-        import trimesh
-
-        return trimesh.Trimesh(self.vertices, self.faces, process=False, metadata=dict(self.metadata))
 
 
 class _CandidateScorer:
@@ -212,12 +196,12 @@ class _CandidateScorer:
             self.refs[job.object_id] = prepare_ground_truth(gt_mesh, np.load(job.voxel_path_gt), params=self.geometry)
         return self.refs[job.object_id]
 
-    def __call__(self, item: tuple[Job, MeshPayload]) -> dict[str, Any]:
+    def __call__(self, item: tuple[Job, Any]) -> dict[str, Any]:
         from judge3d.world.geometry import oracle_metrics, validity
         from judge3d.world.voxel import voxelize
 
-        job, payload = item
-        mesh = payload.mesh()
+        job, decode_job = item
+        mesh = decode_job.mesh()
         mesh_path = self.out_dir / f"{job.candidate}.ply"
         occupancy_path = self.out_dir / f"{job.candidate}{OCCUPANCY_SUFFIX}"
         empty = bool(mesh.metadata.get("empty", len(mesh.faces) == 0))

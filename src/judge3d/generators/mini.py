@@ -362,23 +362,16 @@ class MiniGenerator(Generator):
 
     def decode(self, latents: torch.Tensor) -> list:
         """Marching cubes on each occupancy grid, in the canonical frame (never re-normalized)."""
-        import trimesh
+        return [job.mesh() for job in self.decode_jobs(latents)]
 
-        from judge3d.world.voxel import occupancy_to_mesh
-
-        meshes = []
+    def decode_jobs(self, latents: torch.Tensor) -> list["OccupancyDecode"]:
+        """The occupancy grids to decode, one picklable job each (marching cubes runs in ``.mesh()``)."""
+        jobs = []
         for lat in latents:
             raw = lat[0].detach().float().cpu().numpy()
-            if not np.isfinite(raw).all():
-                mesh = trimesh.Trimesh()
-                mesh.metadata.update(empty=True, nan=True)
-                meshes.append(mesh)
-                continue
-            occ = ((raw + 1.0) / 2.0).clip(0.0, 1.0).astype(np.float32)
-            mesh = occupancy_to_mesh(occ, level=self.config.decode_level, upsample=self.config.decode_upsample)
-            mesh.metadata.update(empty=len(mesh.vertices) == 0 or len(mesh.faces) == 0, nan=False)
-            meshes.append(mesh)
-        return meshes
+            occ = ((raw + 1.0) / 2.0).clip(0.0, 1.0).astype(np.float32) if np.isfinite(raw).all() else None
+            jobs.append(OccupancyDecode(occ, self.config.decode_level, self.config.decode_upsample))
+        return jobs
 
     # persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -418,6 +411,27 @@ class MiniGenerator(Generator):
     def num_parameters(self) -> dict[str, int]:
         return {"conditioner": sum(p.numel() for p in self.conditioner.parameters()),
                 "flow": sum(p.numel() for p in self.base_flow.parameters())}
+
+
+@dataclass(frozen=True)
+class OccupancyDecode:
+    """One sample's occupancy grid (None when the latent held NaN/inf) and how to decode it."""
+    grid: np.ndarray | None
+    level: float
+    upsample: int
+
+    def mesh(self):
+        import trimesh
+
+        from judge3d.world.voxel import occupancy_to_mesh
+
+        if self.grid is None:
+            mesh = trimesh.Trimesh()
+            mesh.metadata.update(empty=True, nan=True)
+            return mesh
+        mesh = occupancy_to_mesh(self.grid, level=self.level, upsample=self.upsample)
+        mesh.metadata.update(empty=len(mesh.vertices) == 0 or len(mesh.faces) == 0, nan=False)
+        return mesh
 
 
 def mini_config_from_params(base: dict[str, Any], resolution: int) -> MiniConfig:

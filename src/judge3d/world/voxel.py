@@ -27,7 +27,10 @@ def _finite_triangles(mesh) -> np.ndarray:
     if mesh is None or len(getattr(mesh, "faces", ())) == 0 or len(getattr(mesh, "vertices", ())) == 0:
         return np.zeros((0, 3, 3))
     tri = np.asarray(mesh.vertices, dtype=np.float64)[np.asarray(mesh.faces, dtype=np.int64)]
-    return tri[np.all(np.isfinite(tri), axis=(1, 2))]
+    finite = np.isfinite(tri.reshape(len(tri), 9))
+    if finite.all():
+        return tri
+    return tri[finite.all(axis=1)]
 
 
 def _ragged_arange(counts: np.ndarray) -> np.ndarray:
@@ -65,8 +68,13 @@ def z_crossings(triangles: np.ndarray, columns: np.ndarray):
     counts = np.bincount(col_key, minlength=n_bins * n_bins)
     starts = np.cumsum(counts) - counts
 
-    txy_lo, txy_hi = triangles[:, :, :2].min(axis=1), triangles[:, :, :2].max(axis=1)
-    overlaps = np.all((txy_hi >= lo) & (txy_lo <= hi), axis=1)
+    # Elementwise minimum/maximum of the three corners: numpy's reductions over a length-3 axis
+    # cost ~10x more per element.
+    a_xy, b_xy, c_xy = triangles[:, 0, :2], triangles[:, 1, :2], triangles[:, 2, :2]
+    txy_lo = np.minimum(np.minimum(a_xy, b_xy), c_xy)
+    txy_hi = np.maximum(np.maximum(a_xy, b_xy), c_xy)
+    inside = (txy_hi >= lo) & (txy_lo <= hi)
+    overlaps = inside[:, 0] & inside[:, 1]
     triangles, area2 = triangles[overlaps], area2[overlaps]
     txy_lo, txy_hi = txy_lo[overlaps], txy_hi[overlaps]
     b0 = np.clip(np.floor((txy_lo - lo) / cell).astype(np.int64), 0, n_bins - 1)
