@@ -81,16 +81,21 @@ def _strip(rows: list[dict], root: Path) -> list[str]:
     return [json.dumps(r, sort_keys=True).replace(str(root), "<out>") for r in rows]
 
 
+def _set_params(split: str, n_objects: int, n_seeds: int) -> dict:
+    """Params for one mesh set 's' of the split at a 3-step default budget."""
+    return {"seed": 0, "geometry": GEOMETRY,
+            "sampler": {"cfg_interval": [0.5, 1.0], "rescale_t": 3.0,
+                        "budgets": {"default": {"steps": 3, "cfg_strength": 1.0}}},
+            "generate": {"sets": {"s": {"split": split, "regime": "clean", "entries": [
+                {"budget": "default", "n_objects": n_objects, "n_seeds": n_seeds}]}}}}
+
+
 def test_generate_set_rows_do_not_depend_on_worker_count(tmp_path):
     from judge3d.generators.mesh_sets import plan_set, generate_set
     from test_generator import tiny_generator
 
     world = _world(tmp_path, "heldout", 3)
-    params = {"seed": 0, "geometry": GEOMETRY,
-              "sampler": {"cfg_interval": [0.5, 1.0], "rescale_t": 3.0,
-                          "budgets": {"default": {"steps": 3, "cfg_strength": 1.0}}},
-              "generate": {"sets": {"s": {"split": "heldout", "regime": "clean",
-                                          "entries": [{"budget": "default", "n_objects": 3, "n_seeds": 2}]}}}}
+    params = _set_params("heldout", n_objects=3, n_seeds=2)
     jobs = plan_set(params, "s", world)
     runs = {}
     for workers in (1, 2):
@@ -114,11 +119,7 @@ def test_saved_occupancy_is_the_oracle_grid_and_feeds_the_arm_targets(tmp_path):
     from test_generator import tiny_generator
 
     world = _world(tmp_path, "train", 1)
-    params = {"seed": 0, "geometry": GEOMETRY,
-              "sampler": {"cfg_interval": [0.5, 1.0], "rescale_t": 3.0,
-                          "budgets": {"default": {"steps": 3, "cfg_strength": 1.0}}},
-              "generate": {"sets": {"s": {"split": "train", "regime": "clean",
-                                          "entries": [{"budget": "default", "n_objects": 1, "n_seeds": 1}]}}}}
+    params = _set_params("train", n_objects=1, n_seeds=1)
     gen = tiny_generator()
     row, = generate_set(gen, plan_set(params, "s", world), tmp_path / "out", params, batch_size=4, workers=1)
     saved = np.load(row["occupancy_path"]).astype(np.float32)
