@@ -202,3 +202,12 @@ def test_separable_upsample_equals_scipy_trilinear_interpolation():
         coords = np.stack(np.meshgrid(*axes, indexing="ij"))
         expected = ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
         assert np.allclose(upsample_trilinear(grid, factor), expected, rtol=0, atol=1e-15)
+
+
+def test_validity_flags_face_indices_outside_the_vertex_array():
+    box = trimesh.creation.box(extents=[0.3, 0.3, 0.3])
+    for bad in (-1, len(box.vertices)):
+        faces = box.faces.copy()
+        faces[0, 0] = bad
+        v = validity(trimesh.Trimesh(box.vertices, faces, process=False, validate=False))
+        assert v["corrupt"] and not v["watertight"] and v["n_components"] == 0

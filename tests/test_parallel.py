@@ -184,3 +184,40 @@ def _interrupted(x: int) -> int:
 def test_a_worker_interrupted_mid_task_fails_the_map_instead_of_hanging_it():
     with pytest.raises(RuntimeError, match="KeyboardInterrupt"):
         list(ordered_map(_interrupted, range(5), workers=2))
+
+
+def test_items_are_consumed_lazily_so_results_stream_while_the_producer_runs():
+    produced = []
+
+    def producer():
+        for i in range(40):
+            produced.append(i)
+            yield i
+
+    results = ordered_map(_slow_square, producer(), workers=2, max_in_flight=4)
+    assert next(results) == (0, 0)
+    assert len(produced) < 40, "the whole input was consumed before the first result"
+    assert [r[0] for r in results] == list(range(1, 40))
+
+
+def _dies_on_two(x: int) -> int:
+    if x == 2:
+        os._exit(3)  # a crash, not an exception: no traceback reaches the parent
+    return x
+
+
+def test_a_worker_that_dies_breaks_the_map_instead_of_hanging_it():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool):
+        list(ordered_map(_dies_on_two, range(6), workers=2))
+
+
+def test_saved_occupancy_is_float16_only_where_exact(tmp_path):
+    from judge3d.generators.mesh_sets import save_occupancy
+
+    for supersample, dtype in ((2, np.float16), (3, np.float32)):
+        grid = (np.arange(supersample ** 3 + 1) / supersample ** 3).astype(np.float32)
+        save_occupancy(tmp_path / f"{supersample}.npy", grid, supersample)
+        saved = np.load(tmp_path / f"{supersample}.npy")
+        assert saved.dtype == dtype and np.array_equal(saved.astype(np.float32), grid)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -42,25 +44,38 @@ def worker_count() -> int:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
-                initializer: Callable[[], None] | None = None) -> Iterator[R]:
-    """``map(fn, items)`` over ``workers`` forked processes, yielding results in input order as they
-    complete (so a caller can log each one and resume after a crash). Inline when workers <= 1,
-    when there is at most one item, or where fork is unavailable. An exception in a worker is
-    re-raised here with its original type."""
-    items = list(items)
+                initializer: Callable[[], None] | None = None, max_in_flight: int | None = None) -> Iterator[R]:
+    """``map(fn, items)`` over ``workers`` forked processes, yielding results in input order.
+
+    ``items`` is consumed lazily, at most ``max_in_flight`` (default 32 per worker) ahead of the
+    results handed back, so a producer (a sampler) keeps working while workers score, and a caller
+    can log each result as it comes and resume after a crash. Inline when workers <= 1 or where fork
+    is unavailable. An exception in a worker is re-raised here with its original type; a worker that
+    dies outright (killed, crashed) raises ``BrokenProcessPool`` instead of hanging the map.
+    """
     workers = worker_count() if workers is None else int(workers)
-    workers = min(workers, len(items))
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
         if initializer is not None:
             initializer()
         yield from map(fn, items)
         return
+    limit = max(workers, max_in_flight or 32 * workers)
     global _FN, _INIT
     previous, _FN, _INIT = (_FN, _INIT), fn, initializer  # forked workers see these as globals: closures work
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker)
     try:
-        with mp.get_context("fork").Pool(workers, initializer=_start_worker) as pool:
-            yield from pool.imap(_call, items, chunksize=1)
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(_call, item))
+            if len(pending) >= limit:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         _FN, _INIT = previous
 
 
@@ -69,8 +84,8 @@ _INIT: Callable[[], None] | None = None
 
 
 def _start_worker() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the pool (leaving the `with`
-    # terminates it), so a worker must not die of SIGINT mid-task and leave the pool waiting.
+    # Ctrl-C reaches the whole process group: the parent stops the pool, so a worker must not die
+    # of SIGINT mid-task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _INIT is not None:
         _INIT()
@@ -81,5 +96,5 @@ def _call(item):
         return _FN(item)
     except Exception:
         raise
-    except BaseException as exc:  # KeyboardInterrupt/SystemExit would kill the worker and hang the pool
+    except BaseException as exc:  # KeyboardInterrupt/SystemExit would kill the worker: report it instead
         raise RuntimeError(f"worker stopped by {type(exc).__name__}: {exc}") from None

@@ -139,8 +139,11 @@ def _require_columns(path, rows: list[dict], keys: Sequence[str]) -> None:
 # -- targets -----------------------------------------------------------------------------------
 def load_target(generator, row: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
     """One candidate's x0 (``*latent``), or (None, reason). Prefers the saved latent, then the
-    occupancy grid the generate stage saved (the mesh voxelized for the oracle's IoU), and only
-    then voxelizes the mesh itself."""
+    occupancy grid the generate stage saved (the decoded mesh voxelized for the oracle's IoU, at
+    ``geometry.iou_supersample``), and only then voxelizes the mesh file itself (supersample 2, as
+    every profile sets ``geometry.iou_supersample``). The saved grid comes from the mesh before it
+    was written as a float32 PLY; the two grids differ only where a sample point lies within float32
+    rounding of the surface (on the mini study's train set they gave identical adapters)."""
     lat_path = row.get("latent_path")
     shape = tuple(generator.latent_shape)
     if lat_path:

@@ -158,7 +158,11 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
                 cond = cond_transform(cond)
             latents = gen.sample(cond, seed=[j.seed for j in batch], **batch[0].budget.sampler_kwargs())
             # Decoding runs in the workers too, where the generator allows it (Generator.decode_jobs).
-            yield from zip(batch, gen.decode_jobs(latents))
+            decode_jobs = gen.decode_jobs(latents)
+            if len(decode_jobs) != len(batch):
+                raise RuntimeError(f"{type(gen).__name__}.decode_jobs returned {len(decode_jobs)} jobs for "
+                                   f"{len(batch)} latents")
+            yield from zip(batch, decode_jobs)
 
     score = _CandidateScorer(out_dir, params, set_name, extra or {})
     with JsonlAppender(partial) as sink, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
@@ -211,7 +215,7 @@ class _CandidateScorer:
             # The grid the oracle's IoU is computed on, kept for the arms' training targets
             # (adapt.data.load_target), which would otherwise voxelize every mesh again.
             pred_voxels = voxelize(mesh, self.geometry.iou_resolution, self.geometry.iou_supersample)
-            save_occupancy(occupancy_path, pred_voxels)
+            save_occupancy(occupancy_path, pred_voxels, self.geometry.iou_supersample)
         else:
             mesh_path.unlink(missing_ok=True)
             occupancy_path.unlink(missing_ok=True)
@@ -234,7 +238,10 @@ class _CandidateScorer:
 OCCUPANCY_SUFFIX = ".occupancy.npy"
 
 
-def save_occupancy(path: Path, grid: np.ndarray) -> None:
-    """float16 on disk: occupancy fractions are k / supersample^3 with supersample^3 <= 512, which
-    float16 holds exactly, at half the bytes of float32."""
-    np.save(path, np.asarray(grid, dtype=np.float16), allow_pickle=False)
+def save_occupancy(path: Path, grid: np.ndarray, supersample: int) -> None:
+    """Occupancy fractions are k / supersample^3. Where that denominator is a power of two up to
+    512 (supersample 1, 2, 4, 8), float16 holds every value exactly at half the bytes; otherwise
+    the float32 grid is kept as it is."""
+    cells = int(supersample) ** 3
+    exact_in_half = cells <= 512 and cells & (cells - 1) == 0
+    np.save(path, np.asarray(grid, dtype=np.float16 if exact_in_half else np.float32), allow_pickle=False)

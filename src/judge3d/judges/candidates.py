@@ -114,8 +114,11 @@ class _ObjectCandidates:
 
             meshes = [(kind, level, mesh if mesh.metadata.get("level_set") else occupancy_to_mesh(grid(kind, mesh)))
                       for kind, level, mesh in meshes]
+        names = candidate_names(obj["object_id"], self.kinds, self.levels)
+        if len(names) != len(meshes):
+            raise RuntimeError(f"{obj['object_id']}: {len(meshes)} candidate meshes for {len(names)} names")
         rows = []
-        for name, (kind, level, mesh) in zip(candidate_names(obj["object_id"], self.kinds, self.levels), meshes):
+        for name, (kind, level, mesh) in zip(names, meshes):
             mesh_path = self.out_dir / f"{name}.ply"
             mesh.export(mesh_path)
             rows.append({"object_id": obj["object_id"], "category": obj["category"], "split": self.split,

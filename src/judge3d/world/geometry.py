@@ -355,6 +355,9 @@ def validity(mesh) -> dict[str, Any]:
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     out["n_faces"] = int(len(faces))
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        out["corrupt"] = True  # face indices outside the vertex array: no topology to measure
+        return out
     tri = vertices[faces]
     area2 = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
     repeated = (faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 0] == faces[:, 2])
