@@ -2,6 +2,8 @@
 manifest, the base's held-out manifest of the same regime and its train_metrics.json (cheap: no model)."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 

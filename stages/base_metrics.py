@@ -1,6 +1,8 @@
 """base-metrics: held-out oracle scores of the base generator -> metrics/base.json."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 
 from judge3d.config import load_params

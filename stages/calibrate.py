@@ -8,6 +8,8 @@ asks only unlogged queries), the metrics JSON (pass/fail vs params thresholds) a
 """
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 

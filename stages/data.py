@@ -1,6 +1,8 @@
 """Stage `data`: build the procedural world (meshes, voxels, clean input images, manifest)."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 import time

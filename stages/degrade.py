@@ -1,6 +1,8 @@
 """Stage `degrade@<severity>`: degraded copies of the clean input images for one severity."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 

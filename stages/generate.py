@@ -1,6 +1,8 @@
 """generate: sample one base mesh set (params generate.sets.<name>) and score it with the oracle."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 
 import torch

@@ -6,6 +6,8 @@ manifest.jsonl), rendered next by render@<split>.
 """
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 

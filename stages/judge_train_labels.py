@@ -7,6 +7,8 @@ Params: labels.*, judge.*, judges.train.model.
 """
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 

@@ -1,6 +1,8 @@
 """pretrain-base: train the mini generator (conditioner + flow transformer) on the train split."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 
 from judge3d.config import load_params

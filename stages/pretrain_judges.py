@@ -1,6 +1,8 @@
 """pretrain-judges (mini only): train one tiny judge (role 'train' = Qwen2.5-VL, 'eval' = InternVL)."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 from pathlib import Path
 

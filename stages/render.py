@@ -1,6 +1,8 @@
 """Stage `render`: a normal-map montage per mesh of a mesh-set manifest (params: the `render` block)."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 

@@ -2,6 +2,8 @@
 `dvc plots` and one static reports/report.html, from metrics/ and the raw logs (cheap: no model)."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 import sys
 

@@ -2,6 +2,8 @@
 data/arms/<arm>/train_metrics.json, curves -> dvclive/train_adapter/<arm>."""
 from __future__ import annotations
 
+import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)
+
 import argparse
 from pathlib import Path
 
