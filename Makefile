@@ -7,6 +7,9 @@ else
 VENV ?= .venv
 endif
 PY := $(VENV)/bin/python
+# DVC starts every stage with the first `python` on PATH, so every target that runs DVC (or the
+# judge3d CLI) puts the venv first on PATH, as `. .venv/bin/activate` would.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAMP := $(VENV)/.judge3d-installed
 EGL_DEBS := libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri
 BROWSER_DEBS := chromium
@@ -37,13 +40,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 repro: setup
-	$(VENV)/bin/dvc repro
+	dvc repro
 
 test: setup browser
 	$(VENV)/bin/pytest -q
 
 verify: setup
-	$(VENV)/bin/judge3d verify
+	judge3d verify
 
 # Speed benchmarks with in-run baselines. benchmarks/generator_sweep.py (a GPU design sweep) and
 # benchmarks/pipeline_timing.py (times a whole `dvc repro`) are run by hand.

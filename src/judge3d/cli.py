@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("name", help="profile name: a file profiles/<name>.yaml (tiny, paper)")
     ver = sub.add_parser("verify", help="recompute every number in metrics/ from the raw verdict logs and manifests")
     ver.add_argument("--root", default=".", help="repository root")
+    deps = sub.add_parser("dvc-deps", help="list (or --write) project modules a stage imports but dvc.yaml does not list")
+    deps.add_argument("--write", action="store_true", help="add them to dvc.yaml (comments kept)")
+    deps.add_argument("--dvc-yaml", default="dvc.yaml")
     args = parser.parse_args(argv)
 
     try:
@@ -53,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print("verify: every number in metrics/ matches the raw logs")
             return 0
+        if args.command == "dvc-deps":
+            from judge3d.dvcgen import missing_code_deps, write_missing_code_deps
+
+            missing = write_missing_code_deps(args.dvc_yaml) if args.write else missing_code_deps(args.dvc_yaml)
+            for stage, files in missing.items():
+                print(f"{stage}: {'added' if args.write else 'missing'} {' '.join(files)}")
+            if not missing:
+                print(f"dvc-deps: every stage lists every project module it imports ({args.dvc_yaml})")
+            return 1 if missing and not args.write else 0
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

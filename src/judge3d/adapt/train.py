@@ -403,7 +403,17 @@ class ArmPaths:
         return f"{self.degraded_dir}/{severity}/manifest.jsonl"
 
 
-CODE_DEPS = ("src/judge3d/adapt", "src/judge3d/generators", "stages/train_adapter.py")
+CODE_FOLDERS = ("src/judge3d/adapt", "src/judge3d/generators")
+
+
+def code_deps(repo: str | Path = ".") -> tuple[str, ...]:
+    """The code the train-adapter stage runs: its script's whole import closure (``judge3d.dvcgen``),
+    with the two packages it is mostly made of listed as folders."""
+    from judge3d.dvcgen import import_closure
+
+    files = sorted(p.as_posix() for p in import_closure("stages/train_adapter.py", repo))
+    rest = [f for f in files if not any(f.startswith(folder + "/") for folder in CODE_FOLDERS)]
+    return (*CODE_FOLDERS, *rest)
 
 
 def arm_deps(spec: ArmSpec, paths: ArmPaths | None = None) -> list[str]:
@@ -418,7 +428,7 @@ def arm_deps(spec: ArmSpec, paths: ArmPaths | None = None) -> list[str]:
         data += [f"{paths.degraded_dir}/{spec.severity}", str(Path(paths.generated).parent)]
     else:
         data += [f"{paths.degraded_dir}/{spec.severity}"]
-    return list(CODE_DEPS) + data
+    return list(code_deps()) + data
 
 
 def dvc_foreach(params: Mapping[str, Any], paths: ArmPaths | None = None) -> dict[str, dict[str, list[str]]]:
@@ -429,7 +439,7 @@ def dvc_foreach(params: Mapping[str, Any], paths: ArmPaths | None = None) -> dic
     for arm in require(params, "arms", dict):
         spec = arm_spec(params, arm)
         keys = spec.param_keys + [f"arms.{arm}"] * (PARAM_SLOTS - len(spec.param_keys))
-        data = arm_deps(spec, paths)[len(CODE_DEPS) + 2:]
+        data = arm_deps(spec, paths)[len(code_deps()) + 2:]
         data += [(paths or ArmPaths()).base] * (DATA_DEP_SLOTS - len(data))
         out[arm] = {"params": keys, "deps": data}
     return out
@@ -440,7 +450,7 @@ def dvc_stanza(params: Mapping[str, Any], paths: ArmPaths | None = None) -> str:
     paths = paths or ArmPaths()
     body = yaml.safe_dump({"train-adapter": {"foreach": dvc_foreach(params, paths)}}, sort_keys=False)
     p_lines = "".join(f"      - ${{item.params[{i}]}}\n" for i in range(PARAM_SLOTS))
-    fixed = "".join(f"      - {d}\n" for d in (*CODE_DEPS, paths.base, str(Path(paths.world).parent)))
+    fixed = "".join(f"      - {d}\n" for d in (*code_deps(), paths.base, str(Path(paths.world).parent)))
     d_lines = "".join(f"      - ${{item.deps[{i}]}}\n" for i in range(DATA_DEP_SLOTS))
     return (body + "  do:\n"
             "    cmd: python stages/train_adapter.py --arm ${key}\n"
