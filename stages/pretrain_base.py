@@ -17,16 +17,14 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params()
 
-    from pathlib import Path
-
     from dvclive import Live
 
-    resuming = (Path(args.out) / ".checkpoint" / "state.pt").is_file()
-
     # dvcyaml=False: the plots are declared in dvc.yaml by hand, dvclive must not rewrite it.
-    with Live(dir=args.live_dir, save_dvc_exp=False, dvcyaml=False, report=None,
-              resume=resuming) as live:
+    # resume=True keeps the curve's earlier steps when they are still there (a run outside DVC);
+    # under `dvc repro` DVC has deleted them, and a resumed run's curve starts at its checkpoint.
+    with Live(dir=args.live_dir, save_dvc_exp=False, dvcyaml=False, report=None, resume=True) as live:
         def log_step(step: int, values: dict[str, float]) -> None:
+            live.step = step  # the training step itself, also after a resume
             for name, value in values.items():
                 live.log_metric(f"train/{name}", value)
             live.next_step()

@@ -39,8 +39,8 @@ def main() -> None:
                          "rebuild the judge candidate set.")
 
     live_dir = args.live_dir or f"dvclive/pretrain_judges/{args.role}"
-    resuming = (Path(args.out) / ".checkpoint" / "state.json").is_file()
-    with Live(dir=live_dir, save_dvc_exp=False, dvcyaml=False, report=None, resume=resuming) as live:
+    # resume=True keeps earlier steps where they survive (outside DVC); the step is set explicitly.
+    with Live(dir=live_dir, save_dvc_exp=False, dvcyaml=False, report=None, resume=True) as live:
         def log_step(step: int, values: dict[str, float]) -> None:
             live.step = step
             for name, value in values.items():

@@ -31,6 +31,7 @@ from judge3d.adapt.losses import dpo_loss, feature_mse, orpo_loss, sft_loss
 from judge3d.adapt.probes import ProbeSet, eval_mode, feat_mse, fm_mse, is_diverged, make_probe_set
 from judge3d.adapt.repair import ConditionRepair
 from judge3d.io import read_jsonl
+from judge3d.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
 from judge3d.config import ParamsError, deep_merge, require
 from judge3d.generators.sampler import sample_logit_normal_t
 from judge3d.seeding import derive_seed
@@ -175,8 +176,7 @@ def _save_ckpt(ckpt: Path, tensors: dict[str, torch.Tensor], opt, step: int, his
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "history": history}))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    replace_dir_atomically(tmp, ckpt)
 
 
 def _load_ckpt(ckpt: Path, module: torch.nn.Module, opt, fingerprint: str) -> tuple[int, list]:
@@ -191,6 +191,27 @@ def _load_ckpt(ckpt: Path, module: torch.nn.Module, opt, fingerprint: str) -> tu
     state = torch.load(ckpt / "state.pt", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     return int(state["step"]), list(meta["history"])
+
+
+def _run_checkpoint(out_dir: Path, spec: ArmSpec, *tensors: torch.Tensor | None,
+                    module: torch.nn.Module | None = None) -> tuple[Path, str]:
+    """This run's checkpoint folder and fingerprint: the arm's settings, its training tensors and the
+    weights it starts from. The folder lives outside the DVC output (:mod:`judge3d.resume`), so a
+    checkpoint of other data or another base is never resumed."""
+    digests = [hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+               for t in tensors if t is not None]
+    if module is not None:
+        digests += [hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                    for _, v in sorted(module.state_dict().items())]
+    run_fp = fingerprint(spec.fingerprint(), digests)
+    return checkpoint_dir(out_dir, run_fp), run_fp
+
+
+def _replay(history: list[dict[str, float]], log_step: LogFn | None) -> None:
+    """Log a resumed run's earlier steps again: DVC deleted the curve with the stage's outputs."""
+    if log_step is not None:
+        for step, logs in enumerate(history):
+            log_step(step, logs)
 
 
 def _trainable_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -280,8 +301,9 @@ def train_lora_arm(generator, spec: ArmSpec, data: TargetSet, seed: int, out_dir
     params = lora_mod.trainable_parameters(model)
     tr = s["train"]
     opt = torch.optim.AdamW(params, lr=tr["lr"], weight_decay=0.0)
-    ckpt = out_dir / ".checkpoint"
-    start, history = _load_ckpt(ckpt, model, opt, spec.fingerprint())
+    ckpt, run_fp = _run_checkpoint(out_dir, spec, data.cond, data.x_w, data.x_l, module=model)
+    start, history = _load_ckpt(ckpt, model, opt, run_fp)
+    _replay(history, log_step)
 
     t0 = time.time()
     nonfinite_step = None
@@ -305,7 +327,7 @@ def train_lora_arm(generator, spec: ArmSpec, data: TargetSet, seed: int, out_dir
             log_step(step, logs)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < tr["steps"]:
-            _save_ckpt(ckpt, _trainable_tensors(model), opt, step + 1, history, spec.fingerprint())
+            _save_ckpt(ckpt, _trainable_tensors(model), opt, step + 1, history, run_fp)
     train_s = time.time() - t0
 
     after = fm_mse(generator, probe)
@@ -322,7 +344,7 @@ def train_lora_arm(generator, spec: ArmSpec, data: TargetSet, seed: int, out_dir
         metrics.update(probe_preference(generator, probe, held.x_l, s.get("beta")))
     metrics.update(_tail_means(history))
     lora_mod.save_adapter(model, out_dir)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    drop_checkpoints(out_dir)
     return metrics
 
 
@@ -352,8 +374,9 @@ def train_repair_arm(spec: ArmSpec, data: FeaturePairs, seed: int, out_dir: Path
     repair = ConditionRepair(train.degraded.shape[-1], rp["hidden"])
     before = feat_mse(None, held.degraded, held.clean)
     opt = torch.optim.AdamW(repair.parameters(), lr=rp["lr"], weight_decay=0.0)
-    ckpt = out_dir / ".checkpoint"
-    start, history = _load_ckpt(ckpt, repair, opt, spec.fingerprint())
+    ckpt, run_fp = _run_checkpoint(out_dir, spec, data.degraded, data.clean, module=repair)
+    start, history = _load_ckpt(ckpt, repair, opt, run_fp)
+    _replay(history, log_step)
     t0 = time.time()
     n = len(train)
     repair.train()
@@ -369,11 +392,11 @@ def train_repair_arm(spec: ArmSpec, data: FeaturePairs, seed: int, out_dir: Path
         if log_step is not None:
             log_step(step, logs)
         if (step + 1) % (CHECKPOINT_EVERY * 10) == 0 and step + 1 < rp["steps"]:
-            _save_ckpt(ckpt, repair.state_dict(), opt, step + 1, history, spec.fingerprint())
+            _save_ckpt(ckpt, repair.state_dict(), opt, step + 1, history, run_fp)
     after = feat_mse(repair, held.degraded, held.clean)
     repair.eval()
     repair.save(out_dir)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    drop_checkpoints(out_dir)
     return {"feat_mse_before": before, "feat_mse_after": after,
             "feat_ratio": after / before if math.isfinite(after) else None,
             "diverged": is_diverged(before, after, s["probe"]["threshold"]),

@@ -2,10 +2,12 @@
 split's clean images and occupancy grids with the rectified-flow loss; the conditioner is frozen after.
 
 Resumable: a checkpoint (weights, optimizer, RNG state, step) is written every ``checkpoint_every``
-steps into ``<out>/.checkpoint`` and picked up by the next run; it is removed once the model is saved.
+steps into a folder outside the DVC output (:mod:`judge3d.resume`, keyed by settings and data) and
+picked up by the next run, also under ``dvc repro``; it is removed once the model is saved.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from judge3d.config import ParamsError, require
 from judge3d.generators.mini import MiniGenerator, mini_config_from_params
 from judge3d.io import read_jsonl
+from judge3d.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
 from judge3d.seeding import derive_seed, seed_everything
 
 
@@ -135,8 +138,7 @@ def _save_checkpoint(ckpt: Path, modules: dict[str, nn.Module], opt, step: int, 
         save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
                   str(tmp / f"{name}.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "step": step, "rng": rng.get_state()}, tmp / "state.pt")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    replace_dir_atomically(tmp, ckpt)
 
 
 def _load_checkpoint(ckpt: Path, modules: dict[str, nn.Module], opt, rng: torch.Generator) -> int:
@@ -197,6 +199,13 @@ def fit(gen: MiniGenerator, img_t: torch.Tensor, x0_all: torch.Tensor, settings:
     return losses
 
 
+def pretrain_checkpoint(params: dict[str, Any], out_dir: str | Path, *inputs: torch.Tensor) -> Path:
+    """Where this run's checkpoint lives: outside the stage's DVC outputs (which DVC deletes before a
+    rerun), keyed by the settings, the seed and the training tensors themselves (:mod:`judge3d.resume`)."""
+    data = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in inputs]
+    return checkpoint_dir(out_dir, fingerprint(require(params, "base", dict), require(params, "seed", int), data))
+
+
 def pretrain(params: dict[str, Any], manifest: str | Path, out_dir: str | Path,
              log_step: Callable[[int, dict[str, float]], None] | None = None,
              limit_objects: int | None = None, device: str = "cpu") -> dict[str, Any]:
@@ -215,12 +224,12 @@ def pretrain(params: dict[str, Any], manifest: str | Path, out_dir: str | Path,
         img_t = torch.cat([gen.conditioner.preprocess(images[i:i + 64], "cpu") for i in range(0, len(images), 64)])
     x0_all = gen.encode_shapes(voxels).cpu()
 
-    ckpt = out_dir / ".checkpoint"
+    ckpt = pretrain_checkpoint(params, out_dir, img_t, x0_all)
     resumed = (ckpt / "state.pt").is_file()
     t0 = time.time()
     losses = fit(gen, img_t, x0_all, settings, seed, ckpt=ckpt, log_step=log_step)
     gen.save(out_dir)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    drop_checkpoints(out_dir)
     tail = losses[-min(50, len(losses)):] if losses else [float("nan")]
     return {"steps": settings.steps, "resumed": resumed, "n_train_objects": len(rows),
             "final_loss_mean_last50": float(np.mean(tail)), "wall_s": time.time() - t0,

@@ -1,4 +1,5 @@
-"""The swap protocol (DESIGN §3): both orders per pair, swap-consistent verdicts, and the aggregates.
+"""The swap protocol (docs/protocol.md#the-swap-protocol): both orders per pair, swap-consistent
+verdicts, and the aggregates.
 
 A backend is any object with ``judge_id: str`` and
 ``p_first(pairs: list[tuple[image, image]], prompt: str) -> np.ndarray`` (P(first is better)).
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from judge3d import stats
 from judge3d.io import JsonlAppender, dumps, file_sha256, iter_jsonl
 from judge3d.judges.verdict_log import ORDERS, latest_by_key, prompt_sha256, query_key, verdict_of
+from judge3d.resume import AnswerCache
 
 # Categories for inter-judge kappa. A flip (incl. a tie in either order) is its own category: it is
 # the judge saying "cannot tell", and dropping those pairs would inflate agreement.
@@ -86,7 +88,7 @@ def _check_pairs(pairs: Sequence[Pair]) -> None:
 
 
 def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, prompt: str, batch_size: int,
-              show_progress: bool = True) -> list[dict[str, Any]]:
+              show_progress: bool = True, answer_cache: AnswerCache | None = None) -> list[dict[str, Any]]:
     """Ask every query of ``pairs`` that the log does not hold yet; return the log rows of these pairs.
 
     Both orders of a pair go in the same batch where the batch size allows. Each answered query is
@@ -94,6 +96,11 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
     reused only under the same key (pair id, order, judge id, prompt hash, both image hashes); if
     its pair metadata changed, the row is re-stamped (appended again, same answer, no model call).
     Rows are returned in pair order, 'xy' before 'yx'.
+
+    Answers also go to ``answer_cache`` (default: :class:`judge3d.resume.AnswerCache`), outside the
+    stage's DVC outputs, batch by batch, so a stage killed under ``dvc repro`` (which deletes the log
+    before rerunning) asks the model again only for the batches it had not finished. The cache files
+    of this run are removed once every query is answered.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -128,20 +135,35 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
                 log.append(row)
             answered[base["key"]] = row
 
+        cache = answer_cache if answer_cache is not None else AnswerCache()
+        batches = list(_batches_keeping_pairs(todo, batch_size))
+        n_cached = n_asked = 0
         with tqdm(total=len(todo), desc=f"judge {judge_id}", unit="query", disable=not show_progress) as bar:
-            for batch in _batches_keeping_pairs(todo, batch_size):
-                probs = np.asarray(backend.p_first([(q["first"], q["second"]) for q in batch], prompt),
-                                   dtype=np.float64).reshape(-1)
-                if probs.shape != (len(batch),):
-                    raise ValueError(f"judge {judge_id} returned {probs.size} probabilities for {len(batch)} queries.")
+            for batch in batches:
+                keys = [q["key"] for q in batch]
+                cached = cache.get(keys)
+                if cached is not None:
+                    probs = np.array([cached[k] for k in keys], dtype=np.float64)
+                    n_cached += len(batch)
+                else:
+                    probs = np.asarray(backend.p_first([(q["first"], q["second"]) for q in batch], prompt),
+                                       dtype=np.float64).reshape(-1)
+                    if probs.shape != (len(batch),):
+                        raise ValueError(f"judge {judge_id} returned {probs.size} probabilities for {len(batch)} queries.")
+                    for q, p in zip(batch, probs):
+                        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+                            raise ValueError(f"judge {judge_id} returned p_first={p!r} for pair {q['pair_id']} "
+                                             f"order {q['order']}; a probability in [0, 1] is required.")
+                    cache.put({k: float(p) for k, p in zip(keys, probs)})
+                    n_asked += len(batch)
                 for q, p in zip(batch, probs):
-                    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-                        raise ValueError(f"judge {judge_id} returned p_first={p!r} for pair {q['pair_id']} "
-                                         f"order {q['order']}; a probability in [0, 1] is required.")
                     row = {**q, "p_first": float(p), "verdict": verdict_of(float(p))}
                     log.append(row)
                     answered[q["key"]] = row
                 bar.update(len(batch))
+        cache.discard([[q["key"] for q in batch] for batch in batches])
+    print(f"judge {judge_id[:40]}: {len(wanted)} queries: {len(wanted) - len(todo)} already logged, "
+          f"{n_cached} from the resume cache, {n_asked} asked the model")
     return [answered[base["key"]] for _, base in wanted]
 
 
@@ -223,7 +245,8 @@ def _ci_list(lo_hi: tuple[float, float]) -> list[float | None]:
 
 def aggregate(pair_records: Sequence[dict[str, Any]], query_rows: Sequence[dict[str, Any]],
               n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """DESIGN §3 aggregates with CIs; bootstrap over objects (object_id).
+    """The aggregates with CIs, bootstrap over objects (object_id);
+    definitions in docs/protocol.md#aggregates-and-confidence-intervals.
 
     Keys: n, n_objects, n_queries, W, L, F, strict (W/n), strict_wilson_ci, strict_boot_ci,
     tie_adjusted ((W+F/2)/n), tie_adjusted_ci, decisive (W/(W+L); None and decisive_undefined=True

@@ -6,7 +6,7 @@ of the correct answer letter (bare id) at the answer position. Presentation orde
 sample from a seeded stream (so the judge cannot learn "the answer is always A").
 
 After training the judge is scored on pairs of held-out objects from its own object set (clear,
-mild and near-tie pairs, both orders) and saved only if it is not degenerate (DESIGN §6: a judge
+mild and near-tie pairs, both orders) and saved only if it is not degenerate (docs/protocol.md#the-tiny-judges: a judge
 stuck in the ln 2 plateau answers a constant letter: flip 1.0 / strict 0 on clear pairs).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from judge3d.judges.pairs import build_pairs, split_objects
+from judge3d.resume import checkpoint_dir, drop_checkpoints, replace_dir_atomically
 from judge3d.seeding import rng, seed_everything
 
 
@@ -193,8 +194,8 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    ckpt = out_dir / ".checkpoint"
     config_hash = _config_hash(arch, sizes, cfg, prompt, train_pairs)
+    ckpt = checkpoint_dir(out_dir, config_hash)  # outside the DVC output, which DVC deletes before a rerun
     start = _maybe_resume(ckpt, config_hash, model, opt, sched)
 
     model.train()
@@ -259,6 +260,7 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+    drop_checkpoints(out_dir)
     summary["judge_id"] = HFJudge.load(out_dir, name=name).judge_id
     summary["wall_s"] = round(time.time() - t0, 1)
     return summary
@@ -269,15 +271,17 @@ def _abs(pair: dict, root: Path) -> dict:
 
 
 def _save_checkpoint(ckpt: Path, config_hash: str, step: int, model, opt, sched) -> None:
+    """One folder written beside the old one, then swapped in: a kill leaves the old or the new."""
     import torch
     from safetensors.torch import save_file
 
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.tmp"))
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, ckpt / "optim.tmp")
-    (ckpt / "model.tmp").replace(ckpt / "model.safetensors")
-    (ckpt / "optim.tmp").replace(ckpt / "optim.pt")
-    (ckpt / "state.json").write_text(json.dumps({"step": step, "config": config_hash}))
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config": config_hash}))
+    replace_dir_atomically(tmp, ckpt)
 
 
 def _maybe_resume(ckpt: Path, config_hash: str, model, opt, sched) -> int:
