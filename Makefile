@@ -10,7 +10,9 @@ PY := $(VENV)/bin/python
 # DVC starts every stage with the first `python` on PATH, so every target that runs DVC (or the
 # judge3d CLI) puts the venv first on PATH, as `. .venv/bin/activate` would.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-STAMP := $(VENV)/.judge3d-installed
+# The stamp is keyed by pyproject.toml's content (not its mtime), so a fresh clone that shares an
+# installed venv (VENV=...) does not reinstall, and a changed dependency list does.
+STAMP := $(VENV)/.judge3d-installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 EGL_DEBS := libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri
 BROWSER_DEBS := chromium
 
@@ -33,7 +35,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_DEBS) >/dev/null) \
 	  || echo "chromium not installed: the HTML-report browser test will be skipped"; }
 
-$(STAMP): pyproject.toml
+$(STAMP):
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
