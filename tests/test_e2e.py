@@ -126,12 +126,12 @@ def _free_port() -> int:
 def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     if shutil.which("git") is None or shutil.which("make") is None:
         pytest.skip("git and make are needed")
-    pyproject_hash = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    if not (VENV / f".judge3d-installed-{pyproject_hash}").is_file():
-        pytest.fail("the running venv was not installed from this pyproject.toml by `make`; run `make test` "
-                    "(the clone's `make repro` would otherwise reinstall into this venv)")
     first, second, remote = tmp_path / "first", tmp_path / "second", tmp_path / "remote"
     _clone(REPO, first)
+    pyproject_hash = hashlib.sha256((first / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    if not (VENV / f".judge3d-installed-{pyproject_hash}").is_file():
+        pytest.fail("the running venv was not installed by `make` from the committed pyproject.toml; commit it "
+                    "and run `make test` (the clone's `make repro` would otherwise reinstall into this venv)")
     _sh("judge3d profile apply tiny", first)
     _sh(f"dvc remote add -d -f e2e {remote}", first)
 
