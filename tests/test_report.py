@@ -140,6 +140,31 @@ def test_missing_oracle_value_is_flagged_not_imputed(repo, tmp_path):
     assert "(1 missing)" in geom_text(m["geom"]["score"])
 
 
+def test_one_dataframe_renders_markdown_csv_and_html(repo):
+    import html
+
+    from judge3d.report.arm_metrics import report_settings
+    from judge3d.report.build import load_arm_metrics, load_calibration
+    from judge3d.report.tables import csv_text, frame, report_tables
+
+    root, params = repo
+    settings = report_settings(params)
+    tables = report_tables(load_arm_metrics(root, settings), load_calibration(root), settings)
+    page = (root / "reports/report.html").read_text()
+    for stem, table in tables.items():
+        assert (root / f"reports/{stem}.md").read_text() == table.markdown()
+        if table.data is not None:
+            assert (root / f"reports/{stem}.csv").read_text() == table.csv()
+            assert len(table.data) == len(table.display)
+        fragment = table.html()
+        assert fragment in page and fragment.count("<tr>") == len(table.display)
+        for cell in [*table.display.columns, *table.display.to_numpy().ravel()]:
+            assert f">{html.escape(str(cell), quote=False)}<" in fragment
+    # CSV cells: None -> empty, booleans lower-case, ints stay ints, floats as their shortest repr
+    assert csv_text(frame(("a", "b", "c", "d"), [{"a": None, "b": True, "c": 3, "d": 0.1}, {"c": 7}])) == \
+        "a,b,c,d\n,true,3,0.1\n,,7,\n"
+
+
 def test_arm_metrics_rejects_inconsistent_inputs(repo):
     root, params = repo
     rows, manifest, base, train = load_arm_inputs(root, "repair_severe", params)

@@ -15,7 +15,14 @@ sequence log-likelihood). The mapping used here: a flow model's per-sample log-l
 * ORPO = TRL's ``odds_ratio_loss`` with ``logp = -c * e`` and the SFT term on winners in place of
   the NLL; TRL's ``beta`` is our ``lambda``.
 
-The tests compare against TRL's own ORPO function where it imports.
+TRL is a test-only dependency (the ``dev`` extra): ``tests/test_adapt.py`` checks the ORPO term
+against TRL's own ``ORPOTrainer.odds_ratio_loss`` and ``log1mexp``. They are not called here because
+TRL 1.16 keeps them in ``trl.experimental.orpo.orpo_trainer``, whose import pulls in the trainer
+stack (transformers' Trainer utilities, peft, accelerate, datasets, pandas): +3.2 s of imports on
+top of the 1.3 s that ``judge3d.adapt.train`` takes with torch (``python -X importtime``), and an
+experimental-API warning. Its DPO loss has no standalone form at all (it is inlined in
+``DPOTrainer._compute_loss``).
+Definitions: docs/protocol.md#the-arms.
 """
 from __future__ import annotations
 
@@ -83,9 +90,10 @@ def dpo_loss(e_w: torch.Tensor, e_l: torch.Tensor, e_w_ref: torch.Tensor, e_l_re
     ``loss = -log sigma(inside)``.
 
     The caller must evaluate all four errors at the same ``t`` within a pair and the same noise for
-    policy and reference; the reference errors carry no gradient. Scale warning (DESIGN §4): with
-    per-element mean errors and beta ~ 0.1, ``inside`` stays ~0 and the gradient is the unanchored
-    ``-(beta/4) d(e_w - e_l)`` push; log ``inside`` to see which regime a run is in.
+    policy and reference; the reference errors carry no gradient. Scale warning
+    (docs/protocol.md#flow-dpo): with per-element mean errors and beta ~ 0.1, ``inside`` stays ~0
+    and the gradient is the unanchored ``-(beta/4) d(e_w - e_l)`` push; log ``inside`` to see which
+    regime a run is in.
     """
     for name, e in (("e_w", e_w), ("e_l", e_l), ("e_w_ref", e_w_ref), ("e_l_ref", e_l_ref)):
         _check_errors(name, e)

@@ -4,9 +4,9 @@ The folders have the layout of the real checkpoints (config.json, model.safetens
 files, preprocessor/processor config, chat template), so :class:`judge3d.judges.hf.HFJudge`
 loads them through exactly the code path it uses for Qwen2.5-VL-7B-Instruct / InternVL3-8B-hf.
 
-Tokenizer: byte-level BPE over the 256 byte symbols (DESIGN §6). Two merges ("Ġ A", "Ġ B") make the
-word-initial answer letters single tokens as they are in the real 151k vocabularies, so the judge's
-"bare + word-initial" id gathering is exercised on the tiny judges too.
+Tokenizer: byte-level BPE over the 256 byte symbols (docs/protocol.md#the-tiny-judges). Two merges
+("Ġ A", "Ġ B") make the word-initial answer letters single tokens as they are in the real 151k
+vocabularies, so the judge's "bare + word-initial" id gathering is exercised on the tiny judges too.
 """
 from __future__ import annotations
 

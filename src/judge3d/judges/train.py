@@ -6,8 +6,9 @@ of the correct answer letter (bare id) at the answer position. Presentation orde
 sample from a seeded stream (so the judge cannot learn "the answer is always A").
 
 After training the judge is scored on pairs of held-out objects from its own object set (clear,
-mild and near-tie pairs, both orders) and saved only if it is not degenerate (docs/protocol.md#the-tiny-judges: a judge
-stuck in the ln 2 plateau answers a constant letter: flip 1.0 / strict 0 on clear pairs).
+mild and near-tie pairs, both orders) and saved only if it is not degenerate
+(docs/protocol.md#the-tiny-judges: a judge stuck in the ln 2 plateau answers a constant letter:
+flip 1.0 / strict 0 on clear pairs).
 """
 from __future__ import annotations
 

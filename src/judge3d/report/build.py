@@ -70,10 +70,11 @@ def report_texts(root: str | Path, params: Mapping[str, Any], *,
     return out
 
 
-def report_html(root: str | Path, params: Mapping[str, Any], texts: Mapping[str, str]) -> str:
+def report_html(root: str | Path, params: Mapping[str, Any]) -> str:
+    """The HTML page; its tables render from the same DataFrames as the markdown and CSV files."""
     from judge3d.report import plots
     from judge3d.report.html import build_html, gallery_items
-    from judge3d.report.tables import calibration_view
+    from judge3d.report.tables import calibration_view, report_tables
 
     root = Path(root)
     settings = report_settings(params)
@@ -90,7 +91,7 @@ def report_html(root: str | Path, params: Mapping[str, Any], texts: Mapping[str,
         paths = arm_paths(root, arm, spec.regime)
         galleries[arm] = gallery_items(read_log(paths.verdicts), read_jsonl(paths.manifest),
                                        read_jsonl(paths.base_manifest), settings, arm)
-    tables = {name.rsplit("/", 1)[-1]: text for name, text in texts.items() if name.endswith(".md")}
+    tables = report_tables(arms, calibration, settings)
     return build_html(root, tables, svgs, arms, galleries, settings, cal["reliable"])
 
 
@@ -105,6 +106,6 @@ def write_report(root: str | Path, params: Mapping[str, Any]) -> list[Path]:
         path.write_text(text, encoding="utf-8")
         written.append(path)
     html_path = root / REPORTS_DIR / "report.html"
-    html_path.write_text(report_html(root, params, texts), encoding="utf-8")
+    html_path.write_text(report_html(root, params), encoding="utf-8")
     written.append(html_path)
     return written

@@ -2,19 +2,20 @@
 
 No server, no scripts, no external assets: it opens from disk or from a CI artifact. Sections (ids):
 ``calibration``, ``study-table``, ``severity-table``, ``plots``, ``gallery`` (one ``gallery-<arm>``
-per arm). The tables are the same markdown text the report writes, converted here.
+per arm). The tables are the report's :class:`~judge3d.report.tables.Table` objects, rendered from the
+same DataFrames as the markdown and CSV files.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from judge3d.judges.protocol import pair_verdicts
 from judge3d.report.arm_metrics import ReportSettings, field, pair_manifests
+from judge3d.report.tables import Table
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
@@ -27,44 +28,6 @@ th{background:#f4f4f4}.unreliable{background:#fde2e2;border:2px solid #c00;paddi
 .win{color:#2a7d2a;font-weight:bold}.loss{color:#b22;font-weight:bold}.flip{color:#a67c00;font-weight:bold}
 figure{margin:12px 0}
 """
-
-
-# --------------------------------------------------------------------------------------------
-# markdown (the subset tables.py writes) -> HTML
-# --------------------------------------------------------------------------------------------
-def _inline(text: str) -> str:
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
-
-
-def md_to_html(md: str, heading_level: int = 3, skip_title: bool = False) -> str:
-    """``skip_title`` drops the first '# ' heading (the page's section heading replaces it)."""
-    out: list[str] = []
-    table: list[list[str]] = []
-
-    def flush() -> None:
-        if not table:
-            return
-        head, body = table[0], [r for r in table[1:] if not all(set(c) <= {"-", ":"} for c in r)]
-        out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                   + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                   + "</tbody></table>")
-        table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append([c.strip() for c in line.strip().strip("|").split("|")])
-            continue
-        flush()
-        if line.startswith("# "):
-            if skip_title:
-                skip_title = False
-                continue
-            out.append(f"<h{heading_level}>{_inline(line[2:])}</h{heading_level}>")
-        elif line.strip():
-            cls = ' class="unreliable"' if line.startswith("**UNRELIABLE**") else ""
-            out.append(f"<p{cls}>{_inline(line)}</p>")
-    flush()
-    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,9 +128,10 @@ def gallery_html(root: Path, arm: str, m: Mapping[str, Any], items: Sequence[Map
 # --------------------------------------------------------------------------------------------
 # page
 # --------------------------------------------------------------------------------------------
-def build_html(root: str | Path, tables: Mapping[str, str], svgs: Mapping[str, str],
+def build_html(root: str | Path, tables: Mapping[str, Table], svgs: Mapping[str, str],
                arms: Mapping[str, Mapping[str, Any]], galleries: Mapping[str, Sequence[Mapping[str, Any]]],
                settings: ReportSettings, reliable: bool) -> str:
+    """``tables``: the report's tables by file stem (``calibration``, ``study_table``, ``severity_table``)."""
     root = Path(root)
     status = ('<p class="reliable">Calibration: both controls pass.</p>' if reliable else
               '<p class="unreliable">UNRELIABLE: a calibration control failed; see the calibration section.</p>')
@@ -178,9 +142,9 @@ def build_html(root: str | Path, tables: Mapping[str, str], svgs: Mapping[str, s
             "<title>judge3d study report</title>"
             f"<style>{CSS}</style></head><body>"
             "<h1>judge3d: Judging to improve — study report</h1>" + status
-            + f'<section id="calibration"><h2>Calibration</h2>{md_to_html(tables["calibration.md"], skip_title=True)}</section>'
-            + f'<section id="study-table"><h2>Study table</h2>{md_to_html(tables["study_table.md"], skip_title=True)}</section>'
-            + f'<section id="severity-table"><h2>Severity table</h2>{md_to_html(tables["severity_table.md"], skip_title=True)}</section>'
+            + f'<section id="calibration"><h2>Calibration</h2>{tables["calibration"].html()}</section>'
+            + f'<section id="study-table"><h2>Study table</h2>{tables["study_table"].html()}</section>'
+            + f'<section id="severity-table"><h2>Severity table</h2>{tables["severity_table"].html()}</section>'
             + f'<section id="plots"><h2>Plots</h2>{figures}</section>'
             + '<section id="gallery"><h2>Gallery of held-out objects</h2>'
               "<p>Input image, base montage, arm montage, the evaluation judge's verdict in both orders "

@@ -1,16 +1,21 @@
-"""The study table, the severity table and the calibration block, as markdown and CSV text.
+"""The study table, the severity table and the calibration block, as markdown, CSV and HTML.
 
-Built only from ``metrics/arms/<arm>.json``, ``metrics/calibration.json`` and params, so ``verify``
-rebuilds the same text and compares it byte for byte. Rules the tables keep:
+Each table is a :class:`Table`: pandas DataFrames built from rows, rendered by one renderer (the
+display frame as markdown and HTML, the data frame as CSV). Built only from
+``metrics/arms/<arm>.json``, ``metrics/calibration.json`` and params, so ``verify`` rebuilds the
+same text and compares it byte for byte. Rules the tables keep:
 - a diverged arm reads "diverged", never as a win (its meets column is "no (diverged)");
 - where a calibration control fails, every table is marked UNRELIABLE and says which control;
 - geometry deltas with missing oracle values are flagged with the count left out.
 """
 from __future__ import annotations
 
-import csv
-import io
+import html
+import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
+
+import pandas as pd
 
 from judge3d.report.arm_metrics import SEVERITIES, ReportSettings, field
 
@@ -89,26 +94,71 @@ def _csv_num(value: Any) -> str:
     return str(value)
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow([_csv_num(row.get(h)) for h in header])
-    return buf.getvalue()
+# --------------------------------------------------------------------------------------------
+# the table renderer: one DataFrame -> markdown, CSV or HTML
+# --------------------------------------------------------------------------------------------
+def frame(header: Sequence[str], rows: Sequence[Mapping[str, Any] | Sequence[Any]]) -> pd.DataFrame:
+    """Rows (mappings read by column name, or sequences in column order) as a DataFrame with exactly
+    these columns. Object dtype keeps every value as given: ints stay ints, None stays None."""
+    cells = [[r.get(h) for h in header] if isinstance(r, Mapping) else list(r) for r in rows]
+    return pd.DataFrame(cells, columns=list(header), dtype=object)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+def csv_text(df: pd.DataFrame) -> str:
+    """CSV: empty for None, true/false for booleans, the shortest round-trip repr for floats."""
+    return df.map(_csv_num).to_csv(index=False, lineterminator="\n")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A pipe table with unpadded cells (``DataFrame.to_markdown`` would pad them through tabulate)."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False, name=None)]
     return "\n".join(lines) + "\n"
+
+
+def html_table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, justify="left", escape=True)
+
+
+def _html_paragraph(text: str) -> str:
+    cls = ' class="unreliable"' if text.startswith("**UNRELIABLE**") else ""
+    return f"<p{cls}>" + re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text)) + "</p>"
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    return csv_text(frame(header, rows))
+
+
+@dataclass(frozen=True, eq=False)       # eq would compare DataFrames element-wise
+class Table:
+    """One report table and the lines around it. ``display`` holds the formatted cells (markdown and
+    HTML); ``data`` the raw values, one column per CSV field (None: the table has no CSV form)."""
+    title: str
+    status: str                 # the calibration line under the title
+    display: pd.DataFrame
+    note: str = ""
+    data: pd.DataFrame | None = None
+
+    def markdown(self) -> str:
+        text = f"# {self.title}\n\n{self.status}\n\n{markdown_table(self.display)}"
+        return text + (f"\n{self.note}\n" if self.note else "")
+
+    def csv(self) -> str:
+        if self.data is None:
+            raise ValueError(f"the table {self.title!r} has no CSV form")
+        return csv_text(self.data)
+
+    def html(self) -> str:
+        """The fragment under the page's section heading (which replaces the title)."""
+        parts = [_html_paragraph(self.status), html_table(self.display)]
+        return "\n".join(parts + ([_html_paragraph(self.note)] if self.note else []))
 
 
 def _banner(cal: Mapping[str, Any]) -> str:
     if cal["reliable"]:
-        return "Calibration: both controls pass (see calibration.md).\n"
+        return "Calibration: both controls pass (see calibration.md)."
     return ("**UNRELIABLE**: " + "; ".join(cal["failures"])
-            + ". Win-rates below cannot be read as true nulls or wins.\n")
+            + ". Win-rates below cannot be read as true nulls or wins.")
 
 
 def judge_win_text(m: Mapping[str, Any]) -> str:
@@ -168,9 +218,8 @@ def _status(m: Mapping[str, Any], cal: Mapping[str, Any]) -> str:
     return "ok" if cal["reliable"] else "unreliable"
 
 
-def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any],
-                settings: ReportSettings) -> tuple[str, str]:
-    """(markdown, csv) of the study table, one row per arm in params order."""
+def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], settings: ReportSettings) -> Table:
+    """The study table, one row per arm in params order."""
     bar = fmt(settings.bar, digits=2)
     header = ["Intervention (what is adapted)", "Regime", "Judge win", "Wilson 95% CI", "Bootstrap 95% CI",
               "W/L/F", "Flip rate", "Geom Δ [95% CI]", "Oracle win (ties)", "Probe before→after", f"meets ≥ {bar}?"]
@@ -202,13 +251,13 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any],
                                               "implicit_accuracy")},
             "n_unjudged": m["n_unjudged"]})
     n_text = sorted({m["n"] for m in arms.values()})
-    md = ("# Study table: evaluation-judge win-rate of each arm against the base\n\n" + _banner(cal) + "\n"
-          + _md_table(header, md_rows)
-          + f"\nJudge win = strict win-rate W/n (swap-consistent wins of the arm), n = {', '.join(map(str, n_text))} "
+    return Table(
+        title="Study table: evaluation-judge win-rate of each arm against the base", status=_banner(cal),
+        display=frame(header, md_rows), data=frame(STUDY_CSV, csv_rows),
+        note=f"Judge win = strict win-rate W/n (swap-consistent wins of the arm), n = {', '.join(map(str, n_text))} "
             "held-out objects; CIs are 95 % (Wilson; bootstrap over objects). Geom Δ = mean arm − base oracle score "
             "(paired bootstrap CI). Oracle win = share of objects whose arm mesh has the higher oracle score "
-            "(ties in brackets). * a diverged arm's judge figure is a divergence artifact, never a win.\n")
-    return md, _csv_text(STUDY_CSV, csv_rows)
+            "(ties in brackets). * a diverged arm's judge figure is a divergence artifact, never a win.")
 
 
 SEVERITY_CSV = ("severity", "arm", "n", "spec_win", "spec_win_lo", "spec_win_hi", "headroom", "headroom_lo",
@@ -222,8 +271,7 @@ def repair_arms_by_severity(arms: Mapping[str, Mapping[str, Any]], settings: Rep
     return sorted(found, key=lambda sa: (SEVERITIES.index(sa[0]), sa[1]))
 
 
-def severity_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any],
-                   settings: ReportSettings) -> tuple[str, str]:
+def severity_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], settings: ReportSettings) -> Table:
     header = ["Severity", "Spec-vs-base win [95% CI]", "Clear-gap (headroom) [95% CI]", "Geom Δ [95% CI]",
               "Adapter feat-MSE before→after"]
     headroom = cal.get("headroom") or {}
@@ -244,14 +292,14 @@ def severity_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any]
                          "geom_delta_hi": score["delta_ci"][1], "feat_mse_before": t["feat_mse_before"],
                          "feat_mse_after": t["feat_mse_after"], "diverged": m["diverged"],
                          "calibration_reliable": cal["reliable"]})
-    md = ("# Severity table: conditioner repair across degradation severity\n\n" + _banner(cal) + "\n"
-          + _md_table(header, md_rows)
-          + "\nClear-gap (headroom) = the evaluation judge's strict win of the base on the clean input over the base "
-            "on the input degraded at that severity: how much a repair could win back.\n")
-    return md, _csv_text(SEVERITY_CSV, csv_rows)
+    return Table(
+        title="Severity table: conditioner repair across degradation severity", status=_banner(cal),
+        display=frame(header, md_rows), data=frame(SEVERITY_CSV, csv_rows),
+        note="Clear-gap (headroom) = the evaluation judge's strict win of the base on the clean input over the base "
+             "on the input degraded at that severity: how much a repair could win back.")
 
 
-def calibration_block(cal: Mapping[str, Any]) -> str:
+def calibration_block(cal: Mapping[str, Any]) -> Table:
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
@@ -271,18 +319,28 @@ def calibration_block(cal: Mapping[str, Any]) -> str:
     if cal.get("kappa") is not None:
         rows.append(["inter-judge agreement", "Cohen's κ", f"{fmt(cal['kappa'])} {fmt_ci(cal['kappa_ci'])}", "info", "info"])
     status = "RELIABLE: both controls pass." if cal["reliable"] else "**UNRELIABLE**: " + "; ".join(cal["failures"]) + "."
-    return ("# Calibration of the evaluation judge\n\n" + status + "\n\n"
-            + _md_table(["control", "statistic", "value [95% CI]", "criterion", "result"], rows))
+    return Table(title="Calibration of the evaluation judge", status=status,
+                 display=frame(["control", "statistic", "value [95% CI]", "criterion", "result"], rows))
 
 
-def build_tables(arms: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, Any],
-                 settings: ReportSettings) -> dict[str, str]:
-    """File name (under reports/) -> text, for every table the report writes."""
+def report_tables(arms: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, Any],
+                  settings: ReportSettings) -> dict[str, Table]:
+    """Every table of the report, by file stem: ``study_table``, ``severity_table``, ``calibration``."""
     missing = [a for a in settings.arms if a not in arms]
     if missing:
         raise ValueError(f"no metrics for arm(s) {missing}: run arm-metrics@<arm> (dvc repro).")
     cal = calibration_view(calibration)
-    study_md, study_csv = study_table(arms, cal, settings)
-    sev_md, sev_csv = severity_table(arms, cal, settings)
-    return {"study_table.md": study_md, "study_table.csv": study_csv, "severity_table.md": sev_md,
-            "severity_table.csv": sev_csv, "calibration.md": calibration_block(cal)}
+    return {"study_table": study_table(arms, cal, settings), "severity_table": severity_table(arms, cal, settings),
+            "calibration": calibration_block(cal)}
+
+
+def build_tables(arms: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, Any],
+                 settings: ReportSettings) -> dict[str, str]:
+    """File name (under reports/) -> text, for every table the report writes (markdown, and CSV where
+    the table has a data frame)."""
+    out = {}
+    for stem, table in report_tables(arms, calibration, settings).items():
+        out[f"{stem}.md"] = table.markdown()
+        if table.data is not None:
+            out[f"{stem}.csv"] = table.csv()
+    return out
