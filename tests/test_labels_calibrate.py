@@ -230,7 +230,8 @@ def test_calibrate_stage_end_to_end_and_rerun(tmp_path):
     m = run_calibrate(ev, tr, root, out, met, plot, PARAMS, PROMPT, show_progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["eval_base_vs_base.jsonl", "eval_clear_gap.jsonl",
                                                      "eval_headroom_mild.jsonl", "eval_headroom_severe.jsonl",
-                                                     "train_clear_gap.jsonl"]
+                                                     "flagged.jsonl", "train_clear_gap.jsonl"]
+    assert (out / "flagged.jsonl").read_text() == "" and m["n_flagged"] == 0  # no render flags in this fixture
     assert ev.queries == 2 * 4 * 4 and tr.queries == 2 * 4
     assert m["clear_gap"]["strict"] == 1.0 and m["clear_gap"]["pass"] is True
     # base-vs-base gap 0.01 < the fake's position bias: every pair flips, decisive undefined -> fail

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from judge3d.config import PARAMS_FILE, ParamsError, deep_merge, load_params
+from judge3d.config import PARAMS_FILE, ParamsError, check_known_keys, deep_merge, load_params, load_yaml
 
 PROFILES_DIR = Path("profiles")
 
@@ -18,13 +18,30 @@ def apply_profile(name: str, params_path: str | Path = PARAMS_FILE, profiles_dir
     if not profile_path.is_file():
         known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
         raise ParamsError(f"profile '{name}' not found at {profile_path}; known profiles: {known}")
-    override = yaml.safe_load(profile_path.read_text()) or {}
+    # Same checks as params.yaml: a repeated or unknown key in a profile would be merged in silently.
+    override = load_yaml(profile_path) or {}
+    check_known_keys(override, str(profile_path))
     merged = deep_merge(load_params(params_path), override)
     Path(params_path).write_text(
         f"# params.yaml with profile '{name}' applied (judge3d profile apply {name}).\n"
         + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None)
     )
     return merged
+
+
+def _regenerate_train_adapter(dvc_yaml: Path) -> None:
+    """Rewrite the generated ``train-adapter`` stage of dvc.yaml from params and the code's closure."""
+    import re
+
+    from judge3d.adapt.train import dvc_stanza
+
+    text = dvc_yaml.read_text()
+    start = text.index("\n  train-adapter:\n") + 1
+    nxt = re.compile(r"^  [A-Za-z0-9_-]+:\n", re.M).search(text, start + 1)
+    end = nxt.start() if nxt else len(text)
+    stanza = "".join("  " + line if line.strip() else line
+                     for line in dvc_stanza(load_params(dvc_yaml.parent / PARAMS_FILE)).splitlines(True))
+    dvc_yaml.write_text(text[:start] + stanza + "\n" + text[end:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dvc-deps":
             from judge3d.dvcgen import missing_code_deps, write_missing_code_deps
 
+            if args.write:
+                _regenerate_train_adapter(Path(args.dvc_yaml))
             missing = write_missing_code_deps(args.dvc_yaml) if args.write else missing_code_deps(args.dvc_yaml)
             for stage, files in missing.items():
                 print(f"{stage}: {'added' if args.write else 'missing'} {' '.join(files)}")

@@ -63,11 +63,15 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1 and not line.endswith("\n"):
                 return  # partial row from an interrupted append: it is redone on resume
             raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc}); delete the line or rerun the stage.") from exc
+        if not isinstance(row, dict):  # every reader indexes rows by field name
+            raise ValueError(f"{path}:{i + 1}: a manifest row must be a JSON object ({{...}}), got a "
+                             f"{type(row).__name__}; delete the line or rerun the stage that wrote {path.name}.")
+        yield row
 
 
 class JsonlAppender:
@@ -114,6 +118,42 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+class ModelFileError(ValueError):
+    """A saved model's file is damaged; the message names the file and how to remake it."""
+
+
+def read_model_json(path: str | Path, fix: str) -> Any:
+    """A model folder's JSON file (config.json, ...); a damaged one names itself and ``fix``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path} is not valid JSON ({exc}): the model folder {path.parent} is damaged; {fix}") from exc
+
+
+def check_safetensors(path: str | Path, fix: str) -> None:
+    """Check a safetensors file's framing without loading it: the 8-byte header length, the JSON
+    header, and that the file holds every tensor's bytes. safetensors itself reports a 0-byte or
+    truncated file as 'invalid header length' with no path, so the checks run here first."""
+    path = Path(path)
+    size = path.stat().st_size
+    where = f"{path} ({size} bytes; model folder {path.parent})"
+    if size < 8:
+        raise ModelFileError(f"{where} is empty or truncated, not a safetensors file; {fix}")
+    with path.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if 8 + n > size:
+            raise ModelFileError(f"{where} is truncated: its header alone needs {8 + n} bytes; {fix}")
+        try:
+            header = json.loads(fh.read(n))
+            end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, IndexError, ValueError,
+                AttributeError) as exc:
+            raise ModelFileError(f"{where} has a corrupt header ({type(exc).__name__}: {exc}); {fix}") from exc
+    if 8 + n + end > size:
+        raise ModelFileError(f"{where} is truncated: its tensors need {8 + n + end} bytes; {fix}")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from judge3d.config import ParamsError, require
 from judge3d.generators.mesh_sets import Job, generate_set, load_budgets
 from judge3d.io import read_jsonl, write_jsonl
+from judge3d.judges.pairing import FLAGGED_LOG, partition_flagged
 from judge3d.judges.protocol import Pair, run_pairs
 
 VERDICTS = "verdicts.jsonl"
@@ -94,6 +95,10 @@ def evaluate_arm(arm: str, *, generator, cond_transform, judge, params: Mapping[
     # The arm's manifest is the rendered rows (meshes + montages + oracle scores), at the top level.
     write_jsonl(out_dir / MANIFEST, arm_rows)
     prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
-    return run_pairs(judge, arm_pairs(arm, arm_rows, reference), out_dir / VERDICTS, prompt,
+    # A pair with a blank or clipped montage (arm's or base's) is not judged; it is recorded in
+    # flagged.jsonl, which arm-metrics counts as n_flagged (written first, so a kill keeps it).
+    pairs, flagged = partition_flagged(arm_pairs(arm, arm_rows, reference), arm_rows, reference)
+    write_jsonl(out_dir / FLAGGED_LOG, flagged)
+    return run_pairs(judge, pairs, out_dir / VERDICTS, prompt,
                      require(params, "arm_eval.batch_size", int, check=lambda v: v >= 1),
                      show_progress=show_progress)

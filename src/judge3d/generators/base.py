@@ -15,7 +15,6 @@ Shape of the contract:
 from __future__ import annotations
 
 import abc
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from judge3d.generators import sampler as rf
+from judge3d.io import ModelFileError, check_safetensors, read_model_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,11 +47,23 @@ def check_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(
             f"generator model {path}: missing {what}. Train it first with the pretrain-base stage "
             f"(`dvc repro pretrain-base`, or `python stages/pretrain_base.py --out {path}`).")
+    # A damaged file otherwise surfaces as a library error that names neither the file nor the fix.
+    check_safetensors(path / WEIGHTS_NAME, remake_hint(path))
     return path
 
 
+def remake_hint(path: str | Path) -> str:
+    return (f"retrain it (`dvc repro pretrain-base`, or `python stages/pretrain_base.py --out {path}`) "
+            "or restore it (`dvc checkout models/base`).")
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
-    return json.loads((check_model_dir(path) / CONFIG_NAME).read_text())
+    path = check_model_dir(path)
+    config = read_model_json(path / CONFIG_NAME, remake_hint(path))
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path / CONFIG_NAME} must hold a JSON object, got {type(config).__name__}; "
+                             + remake_hint(path))
+    return config
 
 
 def seeds_for_batch(seed: int | Sequence[int], batch: int) -> list[int]:

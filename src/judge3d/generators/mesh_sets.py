@@ -197,7 +197,8 @@ class _CandidateScorer:
             gt_mesh, flags = load_mesh(job.mesh_path_gt)
             if gt_mesh is None:
                 raise ValueError(f"ground-truth mesh {job.mesh_path_gt} unusable ({flags}); rerun data")
-            self.refs[job.object_id] = prepare_ground_truth(gt_mesh, np.load(job.voxel_path_gt), params=self.geometry)
+            self.refs[job.object_id] = prepare_ground_truth(gt_mesh, np.load(job.voxel_path_gt), params=self.geometry,
+                                                                source=job.mesh_path_gt)
         return self.refs[job.object_id]
 
     def __call__(self, item: tuple[Job, Any]) -> dict[str, Any]:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from judge3d.generators.base import (CONFIG_NAME, WEIGHTS_NAME, Generator, check_model_dir,
+from judge3d.generators.base import (CONFIG_NAME, WEIGHTS_NAME, Generator, read_config, remake_hint,
                                      resolve_device)
+from judge3d.io import ModelFileError
 
 BACKEND = "mini"
 
@@ -398,12 +399,16 @@ class MiniGenerator(Generator):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto") -> "MiniGenerator":
-        path = check_model_dir(path)
-        cfg_dict = json.loads((path / CONFIG_NAME).read_text())
+        cfg_dict = read_config(path)  # checks the folder, the JSON and the weights file's framing
+        path = Path(path)
         if cfg_dict.get("backend") != BACKEND:
             raise ValueError(f"{path / CONFIG_NAME}: backend {cfg_dict.get('backend')!r} is not '{BACKEND}'")
         gen = cls(MiniConfig.from_dict(cfg_dict), device=device)
-        gen.load_state_dict(load_file(str(path / WEIGHTS_NAME), device="cpu"))
+        try:
+            gen.load_state_dict(load_file(str(path / WEIGHTS_NAME), device="cpu"))
+        except Exception as exc:  # safetensors / torch errors name neither the file nor the fix
+            raise ModelFileError(f"{path / WEIGHTS_NAME} does not load into the model {path / CONFIG_NAME} describes "
+                                 f"({type(exc).__name__}: {str(exc)[:300]}); {remake_hint(path)}") from exc
         gen.base_flow.eval()
         gen.freeze_conditioner()
         return gen

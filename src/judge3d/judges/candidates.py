@@ -102,7 +102,7 @@ class _ObjectCandidates:
         if gt is None:
             raise ValueError(f"ground-truth mesh {obj['mesh_path']} unusable ({flags}); rerun data")
         gt_voxels = np.load(obj["voxel_path"])
-        ref = prepare_ground_truth(gt, gt_voxels, params=self.geometry)
+        ref = prepare_ground_truth(gt, gt_voxels, params=self.geometry, source=obj["mesh_path"])
         meshes = [("gt", 0, gt)] + [(cid.split(":")[1], int(cid.split(":")[2]), m) for cid, m in
                                     make_corruptions(gt, obj["object_id"], self.kinds, self.levels, self.seed)]
         if self.decode is not None:

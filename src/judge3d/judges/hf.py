@@ -511,6 +511,34 @@ def _resolve_source(model: str | Path) -> tuple[str, Path]:
         "or a local dir holding that checkpoint.")
 
 
+# Any one of these lets transformers build the tokenizer; without them it falls back to a default
+# that lacks the answer letters, and the error then blames the letters instead of the missing files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _remake_hint(model: str) -> str:
+    return ("rebuild it with the pretrain-judges stage (`dvc repro pretrain-judges`) or restore it (`dvc checkout "
+            f"{model}`); for a hub checkpoint, download it again (`huggingface-cli download <id>`).")
+
+
+def check_judge_files(folder: str | Path, model: str) -> None:
+    """A judge folder's files, checked before transformers reads them: config.json parses, a tokenizer
+    file exists, every *.safetensors file is whole. Each error names the folder, the file and the fix."""
+    from judge3d.io import ModelFileError, check_safetensors, read_model_json
+
+    folder = Path(folder)
+    hint = _remake_hint(model)
+    try:
+        read_model_json(folder / "config.json", hint)
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors(weights, hint)
+    except ModelFileError as exc:
+        raise JudgeLoadError(f"judge model {folder}: {exc}") from exc
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise JudgeLoadError(f"judge model {folder} has no tokenizer files (none of {list(TOKENIZER_FILES)}); "
+                             "the folder is incomplete: " + hint)
+
+
 class HFJudge:
     """A transformers VLM as a pairwise judge: ``p_first(pairs, prompt)`` -> P(first image is better)."""
 
@@ -567,7 +595,12 @@ class HFJudge:
         from transformers import AutoConfig
 
         source, folder = _resolve_source(model)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        check_judge_files(folder, str(model))
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        except Exception as exc:
+            raise JudgeLoadError(f"judge model {folder}: config.json does not load ({type(exc).__name__}: {exc}); "
+                                 + _remake_hint(str(model))) from exc
         if config.model_type not in _ARCHES:
             raise JudgeLoadError(f"{model}: model_type {config.model_type!r} is not a supported judge; use "
                                  f"one of {SUPPORTED_MODEL_TYPES} (InternVL: the HF-native '-hf' checkpoints).")
@@ -585,9 +618,14 @@ class HFJudge:
             from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
         else:
             from transformers import InternVLForConditionalGeneration as model_cls
-        net = model_cls.from_pretrained(source, dtype=getattr(torch, _DTYPES[dtype]),
-                                        attn_implementation=attn_implementation, trust_remote_code=False,
-                                        use_safetensors=True)
+        try:
+            net = model_cls.from_pretrained(source, dtype=getattr(torch, _DTYPES[dtype]),
+                                            attn_implementation=attn_implementation, trust_remote_code=False,
+                                            use_safetensors=True)
+        except Exception as exc:  # transformers / safetensors errors name neither the folder nor the fix
+            raise JudgeLoadError(f"judge model {folder}: the weights (*.safetensors) do not load into the "
+                                 f"{config.model_type} model its config.json describes ({type(exc).__name__}: "
+                                 f"{str(exc)[:300]}); " + _remake_hint(str(model))) from exc
         net.to(device).eval()
         return cls(net, processor, name=name or Path(str(model)).as_posix(), weights_hash=weights_hash,
                    batch_size=batch_size)

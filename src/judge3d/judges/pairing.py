@@ -232,3 +232,43 @@ def kept_pairs(pair_records: Sequence[dict[str, Any]], manifest_rows: Sequence[d
         row["oracle_agrees"] = None if wo is None or lo is None or wo == lo else wo > lo
         out.append(row)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# flagged montages: counted, never judged
+# --------------------------------------------------------------------------------------------
+# Render flags (render stage) that make a montage unfit to judge: only background (no mesh, NaN,
+# corrupt, zero-area faces or zero coverage), or part of the mesh cut off by the frame. A judge
+# shown such a montage answers anyway, so a pair holding one is set aside and counted instead.
+MONTAGE_FLAGS = ("render_empty", "render_clipped")
+FLAGGED_LOG = "flagged.jsonl"
+
+
+def montage_flags(row: dict[str, Any]) -> list[str]:
+    """The montage flags set on a render-stage manifest row ([] for a montage fit to judge)."""
+    return [f for f in MONTAGE_FLAGS if row.get(f)]
+
+
+def partition_flagged(pairs: Sequence[Pair], *manifests: Sequence[dict[str, Any]],
+                      control: str | None = None) -> tuple[list[Pair], list[dict[str, Any]]]:
+    """(pairs to judge, one record per pair set aside because a side's montage is flagged).
+
+    Sides are found by montage path in ``manifests`` (the rows the pairs were built from); a record
+    holds pair_id, object_id, both candidates, each side's flags and ``control`` when given."""
+    flags_of: dict[str, set[str]] = {}  # montage path -> flags of every row showing it
+    for rows in manifests:
+        for r in rows:
+            flags_of.setdefault(str(r["montage_path"]), set()).update(montage_flags(r))
+    judged, flagged = [], []
+    for pair in pairs:
+        x_flags = sorted(flags_of.get(pair.x, ()))
+        y_flags = sorted(flags_of.get(pair.y, ()))
+        if not (x_flags or y_flags):
+            judged.append(pair)
+            continue
+        rec = {"pair_id": pair.pair_id, "object_id": pair.object_id, "x_candidate": pair.x_candidate,
+               "y_candidate": pair.y_candidate, "x_flags": x_flags, "y_flags": y_flags}
+        if control is not None:
+            rec["control"] = control
+        flagged.append(rec)
+    return judged, flagged

@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from judge3d.config import require
 from judge3d.io import read_jsonl, write_json, write_jsonl
-from judge3d.judges.pairing import (base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs, kept_pairs,
-                                    train_label_pairs)
+from judge3d.judges.pairing import (FLAGGED_LOG, base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs,
+                                    kept_pairs, partition_flagged, train_label_pairs)
 from judge3d.judges.protocol import Backend, pair_verdicts, run_pairs
 from judge3d.report.judge_metrics import (calibration_metrics, flip_vs_gap_csv_rows,
                                           labels_metrics)
@@ -44,28 +44,43 @@ def run_judge_train_labels(backend: Backend, montage_manifest: str | Path, out_d
     rows = read_jsonl(montage_manifest)
     source = str(montage_manifest)
     bs = batch_size(params, "labels")
-    label_rows = run_pairs(backend, train_label_pairs(rows, source=source), out_dir / LABELS_LOG, prompt, bs,
-                           show_progress=show_progress)
-    iid_rows = run_pairs(backend, iid_pairs(rows, source=source), out_dir / IID_LOG, prompt, bs,
-                         show_progress=show_progress)
+    # A pair with a blank or clipped montage is never judged: it is recorded in flagged.jsonl (written
+    # first, so a kill keeps it) and counted in the metrics as n_flagged.
+    label_pairs, flagged = partition_flagged(train_label_pairs(rows, source=source), rows, control="high_vs_low")
+    same_pairs, iid_flagged = partition_flagged(iid_pairs(rows, source=source), rows, control="iid")
+    write_jsonl(out_dir / FLAGGED_LOG, flagged + iid_flagged)
+    label_rows = run_pairs(backend, label_pairs, out_dir / LABELS_LOG, prompt, bs, show_progress=show_progress)
+    iid_rows = run_pairs(backend, same_pairs, out_dir / IID_LOG, prompt, bs, show_progress=show_progress)
     write_jsonl(out_dir / TRAIN_PAIRS, kept_pairs(pair_verdicts(label_rows), rows))
-    metrics = labels_metrics(label_rows, iid_rows, params)
+    metrics = labels_metrics(label_rows, iid_rows, params, flagged=flagged + iid_flagged)
     write_json(metrics_path, metrics)
     return metrics
 
 
-def calibration_pairs(montages_dir: str | Path, severities: Sequence[str]) -> dict[str, list]:
-    """Control name -> pairs, from <montages_dir>/heldout_clean and heldout_<severity> manifests."""
+def calibration_pairs(montages_dir: str | Path, severities: Sequence[str],
+                      flagged: list[dict[str, Any]] | None = None) -> dict[str, list]:
+    """Control name -> pairs to judge, from <montages_dir>/heldout_clean and heldout_<severity> manifests.
+
+    Pairs with a flagged montage (pairing.MONTAGE_FLAGS) are left out; pass ``flagged`` (a list) to
+    receive one record per such pair, tagged with its control."""
     montages_dir = Path(montages_dir)
     clean_path = montages_dir / "heldout_clean" / "manifest.jsonl"
     clean = read_jsonl(clean_path)
     pairs = {"clear_gap": clear_gap_pairs(clean, source=str(clean_path))}
+    manifests = {"clear_gap": [clean], "base_vs_base": [clean]}
     for severity in severities:
         sev_path = montages_dir / f"heldout_{severity}" / "manifest.jsonl"
-        pairs[f"headroom_{severity}"] = headroom_pairs(clean, read_jsonl(sev_path), severity,
+        degraded = read_jsonl(sev_path)
+        pairs[f"headroom_{severity}"] = headroom_pairs(clean, degraded, severity,
                                                        clean_source=str(clean_path), degraded_source=str(sev_path))
+        manifests[f"headroom_{severity}"] = [clean, degraded]
     pairs["base_vs_base"] = base_vs_base_pairs(clean, source=str(clean_path))
-    return pairs
+    out = {}
+    for name, control_pairs in pairs.items():
+        out[name], set_aside = partition_flagged(control_pairs, *manifests[name], control=name)
+        if flagged is not None:
+            flagged.extend(set_aside)
+    return out
 
 
 def plot_csv_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -94,13 +109,16 @@ def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: s
                          check=lambda v: all(s in ("mild", "medium", "severe") for s in v),
                          hint="A list of severities from mild, medium, severe.")
     bs = batch_size(params, "calibrate")
-    pairs = calibration_pairs(montages_dir, severities)
+    flagged: list[dict[str, Any]] = []
+    pairs = calibration_pairs(montages_dir, severities, flagged)
+    # Written before judging: the metrics (and verify) count the set-aside pairs from this file.
+    write_jsonl(out_dir / FLAGGED_LOG, flagged)
     eval_rows = {name: run_pairs(eval_backend, control_pairs, out_dir / f"eval_{name}.jsonl", prompt, bs,
                                  show_progress=show_progress)
                  for name, control_pairs in pairs.items()}
     train_rows = run_pairs(train_backend, pairs["clear_gap"], out_dir / TRAIN_CLEAR_GAP_LOG, prompt, bs,
                            show_progress=show_progress)
-    metrics = calibration_metrics(eval_rows, train_rows, params)
+    metrics = calibration_metrics(eval_rows, train_rows, params, flagged=flagged)
     write_json(metrics_path, metrics)
     write_plot_csv(plot_path, flip_vs_gap_csv_rows(metrics))
     return metrics

@@ -39,7 +39,8 @@ def render_manifest(manifest: str | Path, out_dir: str | Path, params: Mapping[s
     """Write ``out_dir/<name>.png`` per row and ``out_dir/manifest.jsonl`` (input rows + montage_path + flags).
 
     Flags per row: ``render_empty`` (the montage is only background: no renderable mesh, for any
-    reason), ``render_nan`` / ``render_corrupt`` (why), ``render_load_flags`` (load_mesh's flags),
+    reason, including a mesh that covers no pixel), ``render_nan`` / ``render_corrupt`` /
+    ``render_degenerate`` (why: only zero-area faces), ``render_load_flags`` (load_mesh's flags),
     ``render_clipped`` (part of the mesh lies outside a view), ``render_coverage`` (foreground share
     of the montage), ``render_n_faces``. Resumable: a row whose PNG and progress record both exist
     is not rendered again.
@@ -107,6 +108,7 @@ class _RenderTask:
         blank = mesh is None or info["empty"] or info["nan"] or info["corrupt"]
         flags = {
             "render_empty": bool(blank),  # the montage shows only background
+            "render_degenerate": bool(info.get("degenerate", False)),  # why: only zero-area faces
             "render_nan": bool(info["nan"] or "nan" in load_flags),
             "render_corrupt": bool(info["corrupt"] or "corrupt" in load_flags),
             "render_clipped": bool(info["clipped"]),

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+# Twice a face's area below which it is a line or a point (the same bound as geometry.validity).
+DEGENERATE_AREA2 = 1e-12
+
 
 def mesh_problem(mesh) -> str | None:
-    """None for a renderable triangle mesh, else a short flag name: 'empty', 'nan' or 'corrupt'."""
+    """None for a renderable triangle mesh, else a short flag name: 'empty', 'nan', 'corrupt' or
+    'degenerate' (faces, but none with area)."""
     if mesh is None:
         return "empty"
     vertices = getattr(mesh, "vertices", None)
@@ -17,6 +21,10 @@ def mesh_problem(mesh) -> str | None:
     faces = np.asarray(faces)
     if faces.ndim != 2 or faces.shape[1] != 3 or faces.min() < 0 or faces.max() >= len(vertices):
         return "corrupt"
+    tri = np.asarray(vertices, dtype=np.float64)[faces]
+    area2 = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    if not np.any(area2 > DEGENERATE_AREA2):
+        return "degenerate"  # every face has zero area: nothing to draw, though the mesh is not empty
     return None
 
 

@@ -32,6 +32,9 @@ from judge3d.render.meshcheck import mesh_problem, triangle_soup
 
 SHADER_DIR = Path(__file__).resolve().parent / "shaders"
 METHODS = ("shader", "face_colours")
+# Smallest tile side: 100 views in 128 px gave 12-px tiles, where a chair is a few coloured pixels and
+# the judge compares noise. 32 px keeps the default 2x2 (64 px) and up to 4x4 tiles at 128 px.
+MIN_TILE = 32
 
 
 class MontageRenderer:
@@ -57,8 +60,12 @@ class MontageRenderer:
         self.grid = math.ceil(math.sqrt(self.views))
         self.size = int(size)
         self.tile = self.size // self.grid
-        if self.tile < 8:
-            raise ValueError(f"size {size} is too small for {self.views} views ({self.grid}x{self.grid} grid).")
+        if self.tile < MIN_TILE:
+            raise ValueError(
+                f"render.views = {self.views} in a {self.size}-px montage gives {self.tile}-px tiles "
+                f"({self.grid}x{self.grid} grid; tile = size // ceil(sqrt(views))), below the {MIN_TILE}-px minimum "
+                f"at which a view still shows the shape; lower render.views or raise render.size "
+                f"(>= {MIN_TILE * self.grid} for {self.views} views).")
         bg = np.asarray(background)
         if bg.shape != (3,) or np.any(bg < 0) or np.any(bg > 255):
             raise ValueError(f"background must be three ints in 0..255, got {background!r}")
@@ -123,11 +130,13 @@ class MontageRenderer:
         return np.broadcast_to(self.background, (self.size, self.size, 3)).copy()
 
     def render(self, mesh) -> tuple[np.ndarray, dict[str, Any]]:
-        """(montage, info). A None/empty mesh, non-finite vertices or out-of-range face indices give a
-        blank montage flagged in info ('empty' / 'nan' / 'corrupt'); info also has n_faces, coverage
-        (foreground share) and clipped (part of the mesh outside some view)."""
+        """(montage, info). A None/empty mesh, non-finite vertices, out-of-range face indices or only
+        zero-area faces give a blank montage flagged in info ('empty' / 'nan' / 'corrupt' /
+        'degenerate'); a mesh that is drawn but covers no pixel is 'empty' too. info also has n_faces,
+        coverage (foreground share) and clipped (part of the mesh outside some view)."""
         problem = mesh_problem(mesh)
-        info: dict[str, Any] = {"empty": problem == "empty", "nan": problem == "nan", "corrupt": problem == "corrupt"}
+        info: dict[str, Any] = {"empty": problem in ("empty", "degenerate"), "nan": problem == "nan",
+                                "corrupt": problem == "corrupt", "degenerate": problem == "degenerate"}
         if problem:
             faces = getattr(mesh, "faces", None)
             info.update(n_faces=0 if faces is None else int(len(faces)),
@@ -144,6 +153,9 @@ class MontageRenderer:
         vertices = np.asarray(mesh.vertices, dtype=np.float64)
         info.update(n_faces=int(len(mesh.faces)), coverage=covered / float(self.views * self.tile * self.tile),
                     clipped=self._clipped(vertices))
+        # Faces that cover no pixel in any view (sub-pixel, edge-on, culled): the montage is only
+        # background, which is what 'empty' means to every reader of the flags.
+        info["empty"] = covered == 0
         return montage, info
 
     def _set_mesh(self, primitive) -> None:

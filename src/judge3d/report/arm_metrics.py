@@ -18,6 +18,7 @@ import numpy as np
 from judge3d import stats
 from judge3d.config import ParamsError, require
 from judge3d.io import read_json, read_jsonl
+from judge3d.judges.pairing import montage_flags
 from judge3d.judges.protocol import summarize
 from judge3d.judges.verdict_log import check_row, read_log
 
@@ -299,10 +300,23 @@ def display_name(spec: ArmSpec, train_block: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 def arm_metrics(verdict_rows: Sequence[Mapping[str, Any]], arm_manifest: Sequence[Mapping[str, Any]],
                 base_manifest: Sequence[Mapping[str, Any]], train_metrics: Mapping[str, Any],
-                params: Mapping[str, Any], arm: str) -> dict[str, Any]:
-    """Every number of one arm's study-table row (see module doc). Deterministic in its inputs."""
+                params: Mapping[str, Any], arm: str, flagged: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Every number of one arm's study-table row (see module doc). Deterministic in its inputs.
+
+    ``flagged``: judge-eval's records of pairs set aside unjudged for a blank or clipped montage
+    (data/evals/<arm>/flagged.jsonl); an arm row whose own montage is flagged counts too. They are
+    reported as ``n_flagged`` (+ ``flagged_objects``), never judged; the oracle columns keep them.
+    """
     settings = report_settings(params)
     spec = arm_spec(settings, arm)
+    flagged_objects = {str(rec["object_id"]) for rec in flagged}
+    flagged_objects |= {str(r.get("object_id")) for r in arm_manifest if montage_flags(dict(r))}
+    # rows for a flagged pair can only come from an earlier run, before its montage was flagged
+    verdict_rows = [r for r in verdict_rows if str(r["object_id"]) not in flagged_objects]
+    if not verdict_rows and flagged_objects:
+        raise ValueError(f"arm {arm}: every pair has a flagged montage (blank or clipped: "
+                         f"{sorted(flagged_objects)[:5]}...), so the eval judge was asked nothing; see "
+                         f"data/evals/{arm}/flagged.jsonl and the render flags in data/evals/{arm}/manifest.jsonl.")
     if not verdict_rows:
         raise ValueError(f"arm {arm}: the eval-judge log holds no rows; run judge-eval@{arm}.")
     bad = check_log_rows(verdict_rows, f"data/evals/{arm}/verdicts.jsonl")
@@ -325,10 +339,12 @@ def arm_metrics(verdict_rows: Sequence[Mapping[str, Any]], arm_manifest: Sequenc
     out: dict[str, Any] = {
         "arm": arm, "display": display_name(spec, train), "adapts": spec.adapts, "regime": spec.regime,
         "family": spec.family, "judge_id": verdict_rows[0]["judge_id"],
-        "n_manifest": len(pairs), "n_unjudged": len(manifest_objects - judged_objects),
+        "n_manifest": len(pairs), "n_unjudged": len(manifest_objects - judged_objects - flagged_objects),
+        # set aside for a blank or clipped montage: not in n, W, L, F (shown beside them in the report)
+        "n_flagged": len(flagged_objects & manifest_objects), "flagged_objects": sorted(flagged_objects & manifest_objects),
         **judge,
         "bar": settings.bar,
-        # A diverged arm never meets the bar, whatever the judge says (DESIGN §4).
+        # A diverged arm never meets the bar, whatever the judge says (docs/protocol.md#probe-and-divergence).
         "meets_bar": bool(strict is not None and strict >= settings.bar and not diverged),
         "diverged": diverged,
         "geom": {name: _paired_delta(pairs, key, settings, "mean") for name, key in sorted(settings.oracle_keys.items())},
@@ -353,6 +369,14 @@ def load_arm_inputs(root: str | Path, arm: str, params: Mapping[str, Any]):
     return rows, read_jsonl(paths.manifest), read_jsonl(paths.base_manifest), read_json(paths.train_metrics)
 
 
+def load_flagged(root: str | Path, arm: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """judge-eval's flagged.jsonl for ``arm`` ([] for a run from before montage flags were read)."""
+    from judge3d.judges.pairing import FLAGGED_LOG
+
+    path = arm_paths(root, arm, arm_spec(report_settings(params), arm).regime).verdicts.parent / FLAGGED_LOG
+    return read_jsonl(path) if path.is_file() else []
+
+
 def arm_metrics_from_files(root: str | Path, arm: str, params: Mapping[str, Any]) -> dict[str, Any]:
     rows, manifest, base, train = load_arm_inputs(root, arm, params)
-    return arm_metrics(rows, manifest, base, train, params, arm)
+    return arm_metrics(rows, manifest, base, train, params, arm, flagged=load_flagged(root, arm, params))

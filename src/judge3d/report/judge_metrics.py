@@ -2,7 +2,7 @@
 
 Pure functions (no model, no torch): the stages call them on the rows they just logged, and
 ``verify`` calls them on the cached logs. ``params`` is the whole params.yaml mapping; only the
-`labels` / `calibrate` blocks are read. Definitions follow DESIGN §3 via judge3d.judges.protocol.
+`labels` / `calibrate` blocks are read. Definitions follow docs/protocol.md#aggregates-and-confidence-intervals via judge3d.judges.protocol.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import numpy as np
 
 from judge3d import stats
 from judge3d.config import ParamsError, require
+from judge3d.io import read_jsonl
+from judge3d.judges.pairing import FLAGGED_LOG
 from judge3d.judges.protocol import aggregate, judge_agreement, pair_verdicts
 from judge3d.judges.verdict_log import read_log
 
@@ -86,8 +88,10 @@ def _one_judge(rows: Sequence[dict[str, Any]], what: str) -> tuple[str, str]:
 # judge-train-labels
 # --------------------------------------------------------------------------------------------
 def labels_metrics(label_rows: Sequence[dict[str, Any]], iid_rows: Sequence[dict[str, Any]],
-                   params: Mapping[str, Any]) -> dict[str, Any]:
-    """metrics/labels.json from the training judge's (high, low) rows and i.i.d. rows (x = high)."""
+                   params: Mapping[str, Any], flagged: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """metrics/labels.json from the training judge's (high, low) rows and i.i.d. rows (x = high).
+
+    ``flagged``: the pairs set aside unjudged because a montage is blank or clipped (flagged.jsonl)."""
     n_boot, seed = _bootstrap(params, "labels")
     judge_id, prompt_hash = _one_judge(label_rows, "labels log")
     if _one_judge(iid_rows, "i.i.d. log") != (judge_id, prompt_hash):
@@ -108,13 +112,21 @@ def labels_metrics(label_rows: Sequence[dict[str, Any]], iid_rows: Sequence[dict
         "pairs_kept_high_wins": high_low["W"], "pairs_kept_low_wins": high_low["L"],
         "iid_flip_rate": iid["flip_rate"], "iid_flip_rate_ci": iid["flip_rate_ci"], "iid_n": iid["n"],
         "high_vs_low": high_low, "iid": iid, "seed_reported": dict(SEED_REPORTED),
+        "n_flagged": sum(1 for r in flagged if r.get("control") == "high_vs_low"),
+        "iid_n_flagged": sum(1 for r in flagged if r.get("control") == "iid"),
     }
 
 
 def labels_metrics_from_logs(labels_log: str | Path, iid_log: str | Path, params: Mapping[str, Any], *,
                              judge_id: str | None = None, prompt_hash: str | None = None) -> dict[str, Any]:
-    return labels_metrics(judged_rows(labels_log, judge_id=judge_id, prompt_hash=prompt_hash),
-                          judged_rows(iid_log, judge_id=judge_id, prompt_hash=prompt_hash), params)
+    """The labels metrics from the cached logs (what ``verify`` runs); flagged.jsonl beside them."""
+    flagged_path = Path(labels_log).with_name(FLAGGED_LOG)
+    flagged = read_jsonl(flagged_path) if flagged_path.is_file() else []
+    unjudged = {r["pair_id"] for r in flagged}
+    return labels_metrics([r for r in judged_rows(labels_log, judge_id=judge_id, prompt_hash=prompt_hash)
+                           if r["pair_id"] not in unjudged],
+                          [r for r in judged_rows(iid_log, judge_id=judge_id, prompt_hash=prompt_hash)
+                           if r["pair_id"] not in unjudged], params, flagged=flagged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,19 +220,27 @@ def control_names(severities: Sequence[str] = SEVERITIES) -> list[str]:
 
 
 def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train_clear_gap_rows: Sequence[dict[str, Any]],
-                        params: Mapping[str, Any]) -> dict[str, Any]:
+                        params: Mapping[str, Any], flagged: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """metrics/calibration.json from the eval judge's rows per control and the training judge's clear-gap rows.
 
     ``eval_rows`` keys: 'clear_gap', 'base_vs_base', and 'headroom_<severity>' for each severity judged.
     Pass/fail uses the point estimates against params thresholds: clear-gap strict >= min; base-vs-base
     decisive inside the range (an undefined decisive, every pair a flip, fails: no preference can be shown).
+    ``flagged``: the pairs set aside unjudged for a flagged montage (calibrate's flagged.jsonl records);
+    each control reports its count as ``n_flagged``, and the total is ``n_flagged``.
     """
     n_boot, seed = _bootstrap(params, "calibrate")
     thr = thresholds(params)
     edges = gap_bin_edges(params)
+    n_flagged: dict[str, int] = {}
+    for rec in flagged:
+        n_flagged[str(rec["control"])] = n_flagged.get(str(rec["control"]), 0) + 1
     for name in ("clear_gap", "base_vs_base"):
         if not eval_rows.get(name):
-            raise ValueError(f"calibration: no eval-judge rows for the {name} control; rerun calibrate.")
+            why = (f"all {n_flagged[name]} of its pairs have a flagged montage (blank or clipped; see "
+                   "data/calibration/flagged.jsonl and the render stage's flags)" if n_flagged.get(name) else "rerun calibrate")
+            raise ValueError(f"calibration: no eval-judge rows for the {name} control; {why}.")
+    eval_rows = {name: rows for name, rows in eval_rows.items() if rows or not n_flagged.get(name)}
     unknown = [k for k in eval_rows if k not in ("clear_gap", "base_vs_base") and not k.startswith("headroom_")]
     if unknown:
         raise ValueError(f"calibration: unknown control(s) {unknown}; use clear_gap, base_vs_base, headroom_<severity>.")
@@ -231,7 +251,8 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train
         raise ValueError("calibration: the two judges were asked with different prompts; kappa would compare apples and pears.")
 
     records = {name: pair_verdicts(rows) for name, rows in eval_rows.items()}
-    agg = {name: aggregate(records[name], eval_rows[name], n_boot=n_boot, seed=seed) for name in eval_rows}
+    agg = {name: {**aggregate(records[name], eval_rows[name], n_boot=n_boot, seed=seed),
+                  "n_flagged": n_flagged.get(name, 0)} for name in eval_rows}
 
     clear = dict(agg["clear_gap"])
     clear["pass"] = clear["strict"] is not None and clear["strict"] >= thr["clear_gap_min_strict"]
@@ -261,18 +282,33 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train
         "agreement": judge_agreement(train_records, records["clear_gap"], n_boot=n_boot, seed=seed),
         "flip_vs_gap": gap_table,
         "passed": not failed, "failed_controls": failed,
+        # pairs never shown to a judge because a montage is blank or clipped, per control
+        "n_flagged": sum(n_flagged.values()), "flagged_by_control": dict(sorted(n_flagged.items())),
     }
 
 
 def calibration_metrics_from_dir(log_dir: str | Path, params: Mapping[str, Any], *, eval_judge_id: str | None = None,
                                  train_judge_id: str | None = None, prompt_hash: str | None = None) -> dict[str, Any]:
     """calibration_metrics on data/calibration/{eval_<control>,train_clear_gap}.jsonl (verify's entry point)."""
+
     log_dir = Path(log_dir)
     severities = require(params, "calibrate.severities", list)
-    eval_rows = {name: judged_rows(log_dir / f"eval_{name}.jsonl", judge_id=eval_judge_id, prompt_hash=prompt_hash)
+    flagged_path = log_dir / FLAGGED_LOG
+    flagged = read_jsonl(flagged_path) if flagged_path.is_file() else []  # absent: a log from before flags were read
+    set_aside = {str(rec["pair_id"]) for rec in flagged}
+    all_flagged = {str(rec["control"]) for rec in flagged}
+
+    def rows_of(path: Path, name: str, **who) -> list[dict[str, Any]]:
+        if name in all_flagged and (not path.is_file() or path.stat().st_size == 0):
+            return []  # every pair of this control was set aside: nothing was asked
+        # a flagged pair's rows from an earlier run (before its montage was flagged) are not counted
+        return [r for r in judged_rows(path, **who) if r["pair_id"] not in set_aside]
+
+    eval_rows = {name: rows_of(log_dir / f"eval_{name}.jsonl", name, judge_id=eval_judge_id, prompt_hash=prompt_hash)
                  for name in control_names(severities)}
-    train_rows = judged_rows(log_dir / "train_clear_gap.jsonl", judge_id=train_judge_id, prompt_hash=prompt_hash)
-    return calibration_metrics(eval_rows, train_rows, params)
+    train_rows = rows_of(log_dir / "train_clear_gap.jsonl", "clear_gap", judge_id=train_judge_id,
+                         prompt_hash=prompt_hash)
+    return calibration_metrics(eval_rows, train_rows, params, flagged=flagged)
 
 
 def flip_vs_gap_csv_rows(calibration: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -195,7 +195,7 @@ STUDY_CSV = ("arm", "intervention", "adapts", "regime", "n", "W", "L", "F", "jud
              "geom_missing", "oracle_win_rate", "oracle_win_lo", "oracle_win_hi", "oracle_ties", "meets_bar", "bar",
              "diverged", "calibration_reliable", "status", "iou_delta", "fscore_delta", "watertight_delta",
              "components_delta", "degenerate_faces_delta", "fm_mse_before", "fm_mse_after", "feat_mse_before",
-             "feat_mse_after", "implicit_accuracy", "n_unjudged")
+             "feat_mse_after", "implicit_accuracy", "n_unjudged", "n_flagged")
 
 
 def probe_text(m: Mapping[str, Any]) -> str:
@@ -204,6 +204,12 @@ def probe_text(m: Mapping[str, Any]) -> str:
     if m["family"] == "repair":
         return f"feat {fmt(t['feat_mse_before'])}→{fmt(t['feat_mse_after'])}"
     return f"FM {fmt(t['fm_mse_before'])}→{fmt(t['fm_mse_after'])}"
+
+
+def wlf_text(m: Mapping[str, Any]) -> str:
+    """W/L/F, plus the objects set aside unjudged because a montage was blank or clipped."""
+    flagged = m.get("n_flagged", 0)
+    return f"{m['W']}/{m['L']}/{m['F']}" + (f" (+{flagged} flagged, unjudged)" if flagged else "")
 
 
 def _delta(m: Mapping[str, Any], block: str, name: str) -> Any:
@@ -229,7 +235,7 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], s
         score = m["geom"]["score"]
         ow = m["oracle_win"]
         md_rows.append([f"{m['display']} ({spec.adapts})", spec.regime_label, judge_win_text(m),
-                        fmt_ci(m["strict_wilson_ci"]), fmt_ci(m["strict_boot_ci"]), f"{m['W']}/{m['L']}/{m['F']}",
+                        fmt_ci(m["strict_wilson_ci"]), fmt_ci(m["strict_boot_ci"]), wlf_text(m),
                         fmt(m["flip_rate"]), geom_text(score), f"{fmt(ow['rate'])} ({ow['ties']})", probe_text(m),
                         meets_text(m, cal["reliable"])])
         csv_rows.append({
@@ -249,7 +255,7 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], s
             "degenerate_faces_delta": _delta(m, "validity", "degenerate_faces"),
             **{k: m["train"].get(k) for k in ("fm_mse_before", "fm_mse_after", "feat_mse_before", "feat_mse_after",
                                               "implicit_accuracy")},
-            "n_unjudged": m["n_unjudged"]})
+            "n_unjudged": m["n_unjudged"], "n_flagged": m.get("n_flagged", 0)})
     n_text = sorted({m["n"] for m in arms.values()})
     return Table(
         title="Study table: evaluation-judge win-rate of each arm against the base", status=_banner(cal),
@@ -257,7 +263,8 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], s
         note=f"Judge win = strict win-rate W/n (swap-consistent wins of the arm), n = {', '.join(map(str, n_text))} "
             "held-out objects; CIs are 95 % (Wilson; bootstrap over objects). Geom Δ = mean arm − base oracle score "
             "(paired bootstrap CI). Oracle win = share of objects whose arm mesh has the higher oracle score "
-            "(ties in brackets). * a diverged arm's judge figure is a divergence artifact, never a win.")
+            "(ties in brackets). Flagged: objects whose arm or base montage was blank or clipped, never judged. "
+            "* a diverged arm's judge figure is a divergence artifact, never a win.")
 
 
 SEVERITY_CSV = ("severity", "arm", "n", "spec_win", "spec_win_lo", "spec_win_hi", "headroom", "headroom_lo",

@@ -196,7 +196,12 @@ def degrade_world(params: Mapping[str, Any], severity: str, world_manifest: str 
         clean_path = root / row["image_path"]
         if not clean_path.is_file():
             raise FileNotFoundError(f"clean input image {clean_path} is missing: rebuild the world (dvc repro data)")
-        clean = np.asarray(Image.open(clean_path).convert("RGB"))
+        try:
+            with Image.open(clean_path) as im:
+                clean = np.asarray(im.convert("RGB"))
+        except OSError as exc:  # truncated / not an image: PIL's message names neither the file nor the fix
+            raise ValueError(f"clean input image {clean_path} is unreadable ({exc}): the file is damaged; "
+                             "rebuild the world (dvc repro -s data) or restore it (dvc checkout data/world).") from exc
         seed = derive_seed(base_seed, "degrade", row["object_id"], severity)
         out = degrade(clean, spec, seed, where=f"degradations.{severity}")
         path = out_dir / f"{row['object_id']}.png"

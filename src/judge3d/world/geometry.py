@@ -30,6 +30,9 @@ CHAMFER_CAP = float(np.sqrt(3.0))
 # Offset used to tell a true boundary sample from a face buried inside another body.
 _BURIED_EPS = 5e-4
 _DEGENERATE_AREA = 1e-12
+# The canonical cube [-0.5, 0.5]^3 every ground truth lies in (world.shapes.normalize_to_canonical).
+CANONICAL_HALF = 0.5
+_CUBE_TOL = 1e-6
 
 FLAG_KEYS = ("missing", "corrupt", "empty", "nan")
 
@@ -272,16 +275,29 @@ def _reference(mesh, cfg: GeometryConfig) -> Reference:
     return Reference(pts, nrm, tree)
 
 
-def prepare_ground_truth(gt_mesh, gt_voxels: np.ndarray | None = None, *, params) -> Reference:
-    """Everything :func:`oracle_metrics` needs from a ground-truth mesh; raises if it is unusable."""
+def prepare_ground_truth(gt_mesh, gt_voxels: np.ndarray | None = None, *, params,
+                         source: str | Path | None = None) -> Reference:
+    """Everything :func:`oracle_metrics` needs from a ground-truth mesh; raises if it is unusable.
+
+    ``source`` (the mesh file) is named in the errors. A ground truth that leaves the canonical cube
+    is an error: the generator's grid covers only the cube, so every candidate would score F-score 0
+    against it and the labels and controls built on those scores would be noise.
+    """
     cfg = _config(params)
+    what = f"ground-truth mesh {Path(source).as_posix()}" if source is not None else "ground-truth mesh"
     problem = mesh_flags(gt_mesh)
     if not is_usable(problem):
-        raise ValueError(f"ground-truth mesh is unusable ({[k for k, v in problem.items() if v]}); "
+        raise ValueError(f"{what} is unusable ({[k for k, v in problem.items() if v]}); "
                          "rebuild the world (dvc repro data)")
+    lo, hi = np.min(gt_mesh.vertices, axis=0), np.max(gt_mesh.vertices, axis=0)
+    if np.any(lo < -CANONICAL_HALF - _CUBE_TOL) or np.any(hi > CANONICAL_HALF + _CUBE_TOL):
+        raise ValueError(f"{what} spans {np.round(lo, 3).tolist()} .. {np.round(hi, 3).tolist()}, outside the "
+                         f"canonical cube [-{CANONICAL_HALF}, {CANONICAL_HALF}]^3 that the generator and the oracle "
+                         "work in; normalize it (judge3d.world.shapes.normalize_to_canonical) or rebuild the world "
+                         "(dvc repro data).")
     ref = _reference(gt_mesh, cfg)
     if len(ref.points) < cfg.n_surface_samples:
-        raise ValueError("ground-truth mesh has too little sampleable surface; rebuild the world (dvc repro data)")
+        raise ValueError(f"{what} has too little sampleable surface; rebuild the world (dvc repro data)")
     r = cfg.iou_resolution
     if gt_voxels is None or np.shape(gt_voxels) != (r, r, r):
         gt_voxels = voxelize(gt_mesh, r, cfg.iou_supersample)
