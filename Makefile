@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 # DVC starts every stage with the first `python` on PATH, so every target that runs DVC (or the
 # judge3d CLI) puts the venv first on PATH, as `. .venv/bin/activate` would.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# ... and runs this checkout's code, also when the venv's editable install points at another clone.
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 # The stamp is keyed by pyproject.toml's content (not its mtime), so a fresh clone that shares an
 # installed venv (VENV=...) does not reinstall, and a changed dependency list does.
 STAMP := $(VENV)/.judge3d-installed-$(shell sha256sum pyproject.toml | cut -c1-16)

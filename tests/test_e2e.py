@@ -6,7 +6,7 @@ a real server on 127.0.0.1, and `make verify` there. Slow (a few minutes); it ru
 The clone gets `.venv` as a link to the venv running these tests (the README's set-up would build
 an identical one from the same pyproject.toml, which takes minutes). Nothing here puts the venv on
 PATH or sets PYTHONPATH: `make` does it for its targets, and every direct `dvc` call goes through
-`. .venv/bin/activate`, as the README says.
+`. .venv/bin/activate`, as the README says (stages put their own checkout's `src/` first).
 """
 from __future__ import annotations
 
@@ -221,5 +221,5 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     rows[0]["verdict"] = {"first": "second", "second": "first"}.get(rows[0]["verdict"], rows[0]["verdict"])
     log.chmod(0o644)
     log.write_text("".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in rows))
-    proc = subprocess.run(_activated("judge3d verify"), cwd=second, env=_user_env(), capture_output=True, text=True)
-    assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout[-3000:]
+    proc = subprocess.run(["make", "verify"], cwd=second, env=_user_env(), capture_output=True, text=True)
+    assert proc.returncode != 0 and "MISMATCH metrics/arms/dpo.json" in proc.stdout, proc.stdout[-3000:]
