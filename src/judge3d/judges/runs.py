@@ -49,6 +49,10 @@ def run_judge_train_labels(backend: Backend, montage_manifest: str | Path, out_d
     label_pairs, flagged = partition_flagged(train_label_pairs(rows, source=source), rows, control="high_vs_low")
     same_pairs, iid_flagged = partition_flagged(iid_pairs(rows, source=source), rows, control="iid")
     write_jsonl(out_dir / FLAGGED_LOG, flagged + iid_flagged)
+    if not label_pairs:
+        raise ValueError(f"{montage_manifest}: every one of the {len(flagged)} (high, low) pairs has a blank or "
+                         f"clipped montage (listed in {out_dir / FLAGGED_LOG}), so there is nothing to label. "
+                         "The generator makes empty meshes: train it longer (base.train.steps) and rerun.")
     label_rows = run_pairs(backend, label_pairs, out_dir / LABELS_LOG, prompt, bs, show_progress=show_progress)
     iid_rows = run_pairs(backend, same_pairs, out_dir / IID_LOG, prompt, bs, show_progress=show_progress)
     write_jsonl(out_dir / TRAIN_PAIRS, kept_pairs(pair_verdicts(label_rows), rows))
