@@ -485,9 +485,10 @@ def dvc_stanza(params: Mapping[str, Any], paths: ArmPaths | None = None) -> str:
             "      - dvclive/train_adapter/${key}\n")
 
 
-def untrained_lora_arm(generator, spec: ArmSpec, out_dir: Path, t0: float, reason: str) -> dict[str, Any]:
+def untrained_lora_arm(generator, spec: ArmSpec, seed: int, out_dir: Path, t0: float, reason: str) -> dict[str, Any]:
     """A LoRA arm with no training data: the adapter at init (output bit-identical to the base), flagged."""
     lo = spec.settings["lora"]
+    torch.manual_seed(derive_seed(seed, "train-adapter", spec.arm, "init"))  # peft draws lora_A from it
     generator.flow_model = lora_mod.add_lora(generator.flow_model, lo["rank"], lo["alpha"], lo["dropout"],
                                              lo["targets"])
     lora_mod.save_adapter(generator.flow_model, out_dir)
@@ -531,7 +532,7 @@ def run_arm(params: Mapping[str, Any], arm: str, out_dir: str | Path, paths: Arm
         except D.NoTrainingData as exc:
             # Nothing to adapt on: the arm is saved as LoRA at init (the base, exactly) and flagged
             # untrained, so the report says so instead of showing a result.
-            return untrained_lora_arm(generator, spec, out_dir, t0, str(exc))
+            return untrained_lora_arm(generator, spec, seed, out_dir, t0, str(exc))
         if spec.kind != "sft_clean":
             leaked = sorted(set(data.object_ids) - train_ids)
             if leaked:
