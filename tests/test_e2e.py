@@ -169,7 +169,9 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
         return log.is_file() and 0 < len(log.read_bytes().splitlines()) < n_queries
 
     _kill_stage_when(first, "judge-eval@dpo", "stages/judge_eval.py", some_verdicts_logged)
-    out = _sh("dvc repro -s judge-eval@dpo", first)
+    # -f: a plain rerun would restore the finished run's outputs from DVC's run cache (same inputs)
+    # instead of running the stage; a first run that is killed has no such entry.
+    out = _sh("dvc repro -f -s judge-eval@dpo", first)
     line = next(ln for ln in out.splitlines() if " queries: " in ln and "asked the model" in ln)
     counts = [int(w) for w in line.replace(",", " ").split() if w.isdigit()]
     total, logged, cached, asked = counts[-4:]
@@ -184,7 +186,7 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     ckpts = Path(os.environ["JUDGE3D_RESUME_DIR"]) / "checkpoints" / "models__judges__eval"
     _kill_stage_when(first, "pretrain-judges@eval", "stages/pretrain_judges.py",
                      lambda: any(ckpts.glob("*/state.json")))
-    out = _sh("dvc repro -s pretrain-judges@eval", first)
+    out = _sh("dvc repro -f -s pretrain-judges@eval", first)
     assert "resuming judge training at step" in out, out[-3000:]
     assert _tree_digest(judge_dir) == reference_judge, "the resumed judge differs from the uninterrupted one"
     assert not ckpts.exists(), "the checkpoint was not removed once the judge was saved"

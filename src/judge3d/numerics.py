@@ -23,7 +23,12 @@ import sys
 #: ``generate.threads``) call ``torch.set_num_threads`` with the params value, which is as fixed.
 PINNED_CPU_ENV: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",   # ATen's vectorised kernels: the AVX2 build, never AVX-512
-    "MKL_CBWR": "AVX2,STRICT",       # MKL conditional numerical reproducibility at the AVX2 branch
+    # MKL conditional numerical reproducibility. COMPATIBLE, not "AVX2,STRICT": measured by
+    # benchmarks/numerics.py (results/numerics_cpu_*.txt), MKL's vector math (torch.exp, torch.log)
+    # and the SDPA kernel give different bits on AMD EPYC and Intel Xeon at every branch but
+    # COMPATIBLE/SSE2 (MKL ignores the branch for VML on AMD). It costs speed (GEMM at SSE2 level).
+    # torch.sqrt (MKL VML) differs at every branch: optimizers must not use it -> AdamW(fused=True).
+    "MKL_CBWR": "COMPATIBLE",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",    # oneDNN's JIT: no AVX-512/AMX kernels
     "OMP_NUM_THREADS": "2",
@@ -66,3 +71,16 @@ def numerics_fingerprint() -> dict[str, str]:
             "threads": str(torch.get_num_threads()), "pinned": str(numerics_pinned())}
     info.update({k: os.environ.get(k, "") for k in PINNED_CPU_ENV})
     return info
+
+
+def adamw(params, **kwargs):
+    """``torch.optim.AdamW`` with its fused update, the one optimizer every training stage uses.
+
+    Why fused: the default CPU AdamW takes ``torch.sqrt`` of its second moment, and on the CPU that
+    runs through MKL's vector-math library, whose bits differ between processors at every
+    ``MKL_CBWR`` setting (measured on an AMD EPYC and an Intel Xeon: ``benchmarks/numerics.py``,
+    ``benchmarks/results/numerics_cpu_comparison.txt``). The fused update is ATen's own vectorised
+    loop, whose square root is the correctly rounded instruction, so it is the same on every CPU."""
+    import torch
+
+    return torch.optim.AdamW(params, fused=True, **kwargs)

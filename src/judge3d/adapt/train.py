@@ -30,10 +30,11 @@ from judge3d.adapt.data import FeaturePairs, TargetSet, split_indices, split_pro
 from judge3d.adapt.losses import dpo_loss, feature_mse, orpo_loss, sft_loss
 from judge3d.adapt.probes import ProbeSet, eval_mode, feat_mse, fm_mse, is_diverged, make_probe_set
 from judge3d.adapt.repair import ConditionRepair
-from judge3d.io import read_jsonl
-from judge3d.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
 from judge3d.config import ParamsError, deep_merge, require
 from judge3d.generators.sampler import sample_logit_normal_t
+from judge3d.io import read_jsonl
+from judge3d.numerics import adamw
+from judge3d.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
 from judge3d.seeding import derive_seed
 
 KINDS = ("sft_best", "dpo", "orpo", "sft_clean", "repair")
@@ -300,7 +301,7 @@ def train_lora_arm(generator, spec: ArmSpec, data: TargetSet, seed: int, out_dir
         before = fm_mse(generator, probe)
     params = lora_mod.trainable_parameters(model)
     tr = s["train"]
-    opt = torch.optim.AdamW(params, lr=tr["lr"], weight_decay=0.0)
+    opt = adamw(params, lr=tr["lr"], weight_decay=0.0)
     ckpt, run_fp = _run_checkpoint(out_dir, spec, data.cond, data.x_w, data.x_l, module=model)
     start, history = _load_ckpt(ckpt, model, opt, run_fp)
     _replay(history, log_step)
@@ -373,7 +374,7 @@ def train_repair_arm(spec: ArmSpec, data: FeaturePairs, seed: int, out_dir: Path
     torch.manual_seed(derive_seed(seed, "train-adapter", spec.arm, "init"))
     repair = ConditionRepair(train.degraded.shape[-1], rp["hidden"])
     before = feat_mse(None, held.degraded, held.clean)
-    opt = torch.optim.AdamW(repair.parameters(), lr=rp["lr"], weight_decay=0.0)
+    opt = adamw(repair.parameters(), lr=rp["lr"], weight_decay=0.0)
     ckpt, run_fp = _run_checkpoint(out_dir, spec, data.degraded, data.clean, module=repair)
     start, history = _load_ckpt(ckpt, repair, opt, run_fp)
     _replay(history, log_step)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from judge3d.config import ParamsError, require
 from judge3d.generators.mini import MiniGenerator, mini_config_from_params
 from judge3d.io import read_jsonl
+from judge3d.numerics import adamw
 from judge3d.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
 from judge3d.seeding import derive_seed, seed_everything
 
@@ -164,7 +165,7 @@ def fit(gen: MiniGenerator, img_t: torch.Tensor, x0_all: torch.Tensor, settings:
     for module in modules.values():
         for name, p in module.named_parameters():
             (decay if p.dim() >= 2 and "pos_embed" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+    opt = adamw([{"params": decay, "weight_decay": settings.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.99))
     rng = torch.Generator().manual_seed(derive_seed(seed, "pretrain-base", "batches"))
     start = _load_checkpoint(ckpt, modules, opt, rng) if ckpt is not None and (ckpt / "state.pt").is_file() else 0

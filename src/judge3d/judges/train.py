@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from judge3d.judges.pairs import build_pairs, split_objects
+from judge3d.numerics import adamw
 from judge3d.resume import checkpoint_dir, drop_checkpoints, replace_dir_atomically
 from judge3d.seeding import rng, seed_everything
 
@@ -193,7 +194,7 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     for path in tqdm(paths, desc=f"{name}: preprocess montages", unit="img", leave=False):
         prepared[path] = judge.arch.prepare(open_image(root / path))
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     config_hash = _config_hash(arch, sizes, cfg, prompt, train_pairs)
     ckpt = checkpoint_dir(out_dir, config_hash)  # outside the DVC output, which DVC deletes before a rerun
