@@ -62,6 +62,8 @@ def _sh(cmd: str, cwd: Path, timeout: int = 900) -> str:
 def _clone(src: Path, dest: Path) -> None:
     subprocess.run(["git", "clone", "-q", str(src), str(dest)], check=True)
     (dest / ".venv").symlink_to(VENV, target_is_directory=True)
+    with (dest / ".git" / "info" / "exclude").open("a") as fh:
+        fh.write("/.venv\n")  # .gitignore's `.venv/` matches a folder, not this link
     subprocess.run(["git", "config", "user.email", "e2e@judge3d.test"], cwd=dest, check=True)
     subprocess.run(["git", "config", "user.name", "judge3d e2e"], cwd=dest, check=True)
 
