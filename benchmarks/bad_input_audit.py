@@ -225,64 +225,43 @@ def _(tmp):
     return tmp, "degraded without complaint"
 
 
-@case("judge: truncated model.safetensors")
-def _(tmp):
-    d = _judge_dir(tmp, "judge_trunc")
-    w = d / "model.safetensors"
+def _truncate_weights(folder: Path) -> None:
+    w = folder / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    _load_judge(d)
-    return d, "loaded"
 
 
-@case("judge: 0-byte weights file")
-def _(tmp):
-    d = _judge_dir(tmp, "judge_zero")
-    (d / "model.safetensors").write_bytes(b"")
-    _load_judge(d)
-    return d, "loaded"
+def _empty_weights(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"")
 
 
-@case("judge: non-JSON config.json")
-def _(tmp):
-    d = _judge_dir(tmp, "judge_json")
-    (d / "config.json").write_text("{not json")
-    _load_judge(d)
-    return d, "loaded"
+def _bad_config(folder: Path) -> None:
+    (folder / "config.json").write_text("{not json")
 
 
-@case("judge folder without tokenizer files")
-def _(tmp):
-    d = _judge_dir(tmp, "judge_notok")
-    for f in list(d.iterdir()):
+def _no_tokenizer(folder: Path) -> None:
+    for f in list(folder.iterdir()):
         if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
             f.unlink()
-    _load_judge(d)
-    return d, "loaded"
 
 
-@case("generator: truncated model.safetensors")
-def _(tmp):
-    d = _generator_dir(tmp, "gen_trunc")
-    w = d / "model.safetensors"
-    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    _load_generator(d)
-    return d, "loaded"
+def _model_folder_case(label: str, kind: str, damage) -> None:
+    """A model folder (a judge or the generator) damaged one way, then loaded."""
+    make, load = {"judge": (_judge_dir, _load_judge), "generator": (_generator_dir, _load_generator)}[kind]
+
+    def body(tmp):
+        folder = make(tmp, f"{kind}_{damage.__name__.strip('_')}")
+        damage(folder)
+        load(folder)
+        return folder, "loaded"
+
+    case(label)(body)
 
 
-@case("generator: 0-byte weights file")
-def _(tmp):
-    d = _generator_dir(tmp, "gen_zero")
-    (d / "model.safetensors").write_bytes(b"")
-    _load_generator(d)
-    return d, "loaded"
-
-
-@case("generator: non-JSON config.json")
-def _(tmp):
-    d = _generator_dir(tmp, "gen_json")
-    (d / "config.json").write_text("{not json")
-    _load_generator(d)
-    return d, "loaded"
+for _kind in ("judge", "generator"):
+    _model_folder_case(f"{_kind}: truncated model.safetensors", _kind, _truncate_weights)
+    _model_folder_case(f"{_kind}: 0-byte weights file", _kind, _empty_weights)
+    _model_folder_case(f"{_kind}: non-JSON config.json", _kind, _bad_config)
+_model_folder_case("judge folder without tokenizer files", "judge", _no_tokenizer)
 
 
 @case("manifest row that is a JSON list")

@@ -306,26 +306,13 @@ def train_mini(torch, steps: int, fused: bool = False) -> dict:
         t = torch.sigmoid(torch.randn(batch, generator=g))
         noise = torch.randn(*grid, generator=g)
         data.append((images, x0, t, noise))
-    model.train()
-    losses = []
-    t_start = None
-    for step, (images, x0, t, noise) in enumerate(data):
-        if step == 1:
-            t_start = time.perf_counter()   # step 0 is warm-up (allocations, oneDNN JIT)
+    def loss_of(images, x0, t, noise):
         tt = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - (1 - flow.sigma_min) * tt) * x0 + tt * noise
         target = noise - (1 - flow.sigma_min) * x0
-        v = flow(x_t, t, cond_net(images))
-        loss = F.mse_loss(v, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-    dt = time.perf_counter() - t_start
-    return {"init": init, "final": weights_sha(model), "steps": steps, "seconds": round(dt, 3),
-            "steps_per_s": (steps - 1) / dt, "last_loss": losses[-1].hex(), "loss_hex": [v.hex() for v in losses],
-            "n_params": sum(p.numel() for p in model.parameters())}
+        return F.mse_loss(flow(x_t, t, cond_net(images)), target)
+
+    return timed_training(torch, model, opt, data, loss_of, init)
 
 
 def train_qwen(torch, steps: int, fused: bool = False) -> dict:
@@ -362,22 +349,30 @@ def train_qwen(torch, steps: int, fused: bool = False) -> dict:
         data.append((input_ids, pixels, grid, labels))
     target = [ids("A"), ids("B")]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=fused or None)
-    model.train()
-    losses = []
-    t_start = None
-    for step, (input_ids, pixels, grid, labels) in enumerate(data):
-        if step == 1:
-            t_start = time.perf_counter()
+    def loss_of(input_ids, pixels, grid, labels):
         out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
                     image_grid_thw=grid)
-        pick = out.logits[:, -1, target].float()
-        loss = F.cross_entropy(pick, labels)
+        return F.cross_entropy(out.logits[:, -1, target].float(), labels)
+
+    return timed_training(torch, model, opt, data, loss_of, init)
+
+
+def timed_training(torch, model, opt, data, loss_of, init: str) -> dict:
+    """The shared step loop (clip 1.0), timed from step 1 on (step 0 is warm-up: allocations, oneDNN JIT)."""
+    model.train()
+    losses = []
+    t_start = time.perf_counter()
+    for step, batch in enumerate(data):
+        if step == 1:
+            t_start = time.perf_counter()
+        loss = loss_of(*batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
     dt = time.perf_counter() - t_start
+    steps = len(data)
     return {"init": init, "final": weights_sha(model), "steps": steps, "seconds": round(dt, 3),
             "steps_per_s": (steps - 1) / dt, "last_loss": losses[-1].hex(), "loss_hex": [v.hex() for v in losses],
             "n_params": sum(p.numel() for p in model.parameters())}
