@@ -270,6 +270,19 @@ def test_position_only_judge_is_refused():
         check_not_degenerate(metrics, TrainConfig(), "always-first")
 
 
+def _clear(w: int, l: int, f: int) -> dict:
+    n = w + l + f
+    return {"clear": {"n": n, "W": w, "L": l, "F": f, "strict": w / n, "decisive": w / (w + l), "flip_rate": f / n}}
+
+
+def test_weak_judge_above_chance_is_saved_and_a_chance_level_one_refused():
+    # weak, not degenerate (the pinned mini run's training judge): decisive 256/396, Wilson low 0.60
+    check_not_degenerate(_clear(256, 140, 83), TrainConfig(), "weak")
+    # consistent verdicts at chance on clear pairs: refused, naming the test
+    with pytest.raises(DegenerateJudgeError, match="not above chance"):
+        check_not_degenerate(_clear(210, 190, 80), TrainConfig(), "coin")
+
+
 def test_batches_are_seeded_and_the_curriculum_draws_clear_pairs_first():
     from judge3d.judges.train import sample_batch
 

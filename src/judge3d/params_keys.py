@@ -135,7 +135,7 @@ KNOWN_KEYS: tuple[str, ...] = (
     "judges.training.margin",
     "judges.training.max_clear_flip",
     "judges.training.max_pairs_per_object",
-    "judges.training.min_clear_strict",
+    "judges.training.min_clear_decisive_lo",
     "judges.training.paired_orders",
     "judges.training.refuse_degenerate",
     "judges.training.seed",

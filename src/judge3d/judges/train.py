@@ -28,6 +28,7 @@ from judge3d.judges.pairs import build_pairs, split_objects
 from judge3d.numerics import adamw
 from judge3d.resume import checkpoint_dir, drop_checkpoints, replace_dir_atomically
 from judge3d.seeding import rng, seed_everything
+from judge3d.stats import wilson_interval
 
 
 class DegenerateJudgeError(RuntimeError):
@@ -49,7 +50,9 @@ class TrainConfig:
     max_pairs_per_object: int = 40      # per kind, seeded draw
     curriculum_steps: int = 0           # the first steps draw clear pairs only (breaks the ln 2 plateau sooner)
     paired_orders: bool = False         # each drawn pair appears in both orders within its batch
-    min_clear_strict: float = 0.6       # refuse to save below this strict win-rate on clear held-out pairs
+    # refuse to save unless the Wilson 95 % lower bound of the decisive rate W/(W+L) on clear held-out
+    # pairs is above this (0.5: the judge's consistent verdicts beat chance)
+    min_clear_decisive_lo: float = 0.5
     max_clear_flip: float = 0.5         # ... or above this flip rate on them
     refuse_degenerate: bool = True      # off only in the tiny plumbing profile (too few steps to learn)
     log_every: int = 10
@@ -143,8 +146,14 @@ def check_not_degenerate(metrics: dict[str, Any], cfg: TrainConfig, name: str) -
     problems = []
     if clear["flip_rate"] >= 1.0 or clear["strict"] == 0:
         problems.append("it answers by position (flip rate 1.0 or strict 0 on clear pairs: the ln 2 plateau)")
-    if clear["strict"] < cfg.min_clear_strict:
-        problems.append(f"clear-gap strict win-rate {clear['strict']} < {cfg.min_clear_strict}")
+    # Degenerate means no better than chance, not weak: a weak judge is saved, its held-out quality
+    # is reported (data/judge_training/<role>.json), and the calibration controls decide whether the
+    # study can trust it (the report's UNRELIABLE banner).
+    decisive_lo = wilson_interval(clear["W"], clear["W"] + clear["L"])[0] if clear["W"] + clear["L"] else 0.0
+    if decisive_lo <= cfg.min_clear_decisive_lo:
+        problems.append(f"its consistent verdicts on clear pairs are not above chance: decisive "
+                        f"{clear['decisive']} ({clear['W']}/{clear['W'] + clear['L']}), Wilson 95 % lower bound "
+                        f"{decisive_lo:.3f} <= {cfg.min_clear_decisive_lo}")
     if clear["flip_rate"] > cfg.max_clear_flip:
         problems.append(f"clear-gap flip rate {clear['flip_rate']} > {cfg.max_clear_flip}")
     if problems and not cfg.refuse_degenerate:
