@@ -87,12 +87,17 @@ def _kill_stage_when(clone: Path, stage: str, script: str, ready, timeout: float
     killed = False
     try:
         while time.monotonic() < deadline and dvc.poll() is None:
+            # DVC may start the stage through `/bin/sh -c "python stages/..."`: both processes name the
+            # script, and stopping or killing the shell would leave the python stage running (it would
+            # then finish and clear its resume files under the rerun). Take the innermost match.
             stage_procs = [p for p in psutil.Process(dvc.pid).children(recursive=True)
                            if any(script in part for part in _cmdline(p))]
-            if not stage_procs:
+            innermost = [p for p in stage_procs if os.path.basename((_cmdline(p) or [""])[0]).startswith("python")
+                         and not any(script in part for c in _children(p) for part in _cmdline(c))]
+            if not innermost:
                 time.sleep(0.01)
                 continue
-            proc = stage_procs[0]
+            proc = innermost[0]
             try:
                 proc.suspend()
                 if ready():
@@ -110,6 +115,13 @@ def _kill_stage_when(clone: Path, stage: str, script: str, ready, timeout: float
     assert killed, f"{stage} finished before it could be killed mid-work:\n{out[-3000:]}"
     assert dvc.returncode != 0, f"dvc repro reported success for a killed stage:\n{out[-3000:]}"
     return out
+
+
+def _children(proc) -> list:
+    try:
+        return proc.children(recursive=True)
+    except Exception:  # the process ended
+        return []
 
 
 def _cmdline(proc) -> list[str]:
