@@ -54,7 +54,7 @@ def _quiet(fn, *a, **kw):
 
 # --------------------------------------------------------------------------------------------- helpers
 def _params():
-    from judge3d.config import load_params
+    from judge3d.core.config import load_params
 
     return load_params(PARAMS_PATH)
 
@@ -131,8 +131,8 @@ def _(tmp):
 def _(tmp):
     from PIL import Image
 
-    from judge3d.io import write_jsonl
-    from judge3d.judges.runs import run_calibrate
+    from judge3d.core.io import write_jsonl
+    from judge3d.pipeline.judging import run_calibrate
 
     class Fake:
         judge_id = "fake@000000000000"
@@ -179,7 +179,7 @@ def _(tmp):
 def _(tmp):
     import numpy as np
 
-    from judge3d.generators.mesh_sets import _CandidateScorer
+    from judge3d.pipeline.mesh_sets import _CandidateScorer
     from judge3d.world.geometry import oracle_metrics
 
     gt_path = tmp / "gt_far.ply"
@@ -203,7 +203,7 @@ def _(tmp):
 def _(tmp):
     from PIL import Image
 
-    from judge3d.io import write_jsonl
+    from judge3d.core.io import write_jsonl
     from judge3d.world.dataset import degrade_world
 
     png = tmp / "img.png"
@@ -216,7 +216,7 @@ def _(tmp):
     try:
         degrade_world(params, "mild", tmp / "world.jsonl", tmp / "out", root=tmp, progress=False)
     except Exception as exc:
-        from judge3d.config import ParamsError
+        from judge3d.core.config import ParamsError
 
         # stages/degrade.py prints these as one line; anything else escapes as a bare traceback
         if not isinstance(exc, (ParamsError, FileNotFoundError, ValueError)):
@@ -266,7 +266,7 @@ _model_folder_case("judge folder without tokenizer files", "judge", _no_tokenize
 
 @case("manifest row that is a JSON list")
 def _(tmp):
-    from judge3d.io import read_jsonl
+    from judge3d.core.io import read_jsonl
     from judge3d.judges.pairing import clear_gap_pairs
 
     path = tmp / "manifest.jsonl"
@@ -278,7 +278,7 @@ def _(tmp):
 
 @case("params: unknown key beside a known one (render.szie)")
 def _(tmp):
-    from judge3d.config import load_params
+    from judge3d.core.config import load_params
     from judge3d.render.montage import MontageRenderer
 
     path = tmp / "params.yaml"
@@ -290,7 +290,7 @@ def _(tmp):
 
 @case("params: duplicated top-level block")
 def _(tmp):
-    from judge3d.config import load_params
+    from judge3d.core.config import load_params
 
     path = tmp / "params.yaml"
     path.write_text(_params_text() + "\nrender:\n  views: 9\n")
@@ -300,7 +300,7 @@ def _(tmp):
 
 @case("params: render.views: 100 (12-pixel tiles)")
 def _(tmp):
-    from judge3d.config import load_params
+    from judge3d.core.config import load_params
     from judge3d.render.montage import MontageRenderer
 
     path = tmp / "params.yaml"

@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from judge3d.config import load_params, require  # noqa: E402
+from judge3d.core.config import load_params, require  # noqa: E402
 from judge3d.generators import load_generator  # noqa: E402
-from judge3d.generators.mesh_sets import load_budgets  # noqa: E402
+from judge3d.pipeline.mesh_sets import load_budgets  # noqa: E402
 from judge3d.generators.pretrain import TrainSettings, build_generator, fit  # noqa: E402
 
 

@@ -133,7 +133,7 @@ def build_full_judge(arch: str, layers: int | None, device: str, dtype: str, att
 
 
 def build_tiny_judge_from_params(arch: str, tmp: Path, batch_size: int):
-    from judge3d.config import load_params, require
+    from judge3d.core.config import load_params, require
     from judge3d.judges.hf import HFJudge
     from judge3d.judges.tiny import TinySizes, build_tiny_judge
 
@@ -283,7 +283,7 @@ def main() -> None:
         max_new = 4 if args.smoke and args.max_new_tokens == 64 else args.max_new_tokens
         label = f"full{'-smoke (2 layers)' if args.smoke else ''}, {device}, {dtype}, attn={attn}"
     else:
-        from judge3d.config import load_params
+        from judge3d.core.config import load_params
 
         params = load_params(ROOT / "params.yaml")
         device, dtype, attn = "cpu", "float32", args.attn or "sdpa"

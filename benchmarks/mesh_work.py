@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from judge3d.config import load_params
-from judge3d.io import read_jsonl, write_jsonl
-from judge3d.parallel import worker_count
+from judge3d.core.config import load_params
+from judge3d.core.io import read_jsonl, write_jsonl
+from judge3d.core.parallel import worker_count
 from judge3d.world.geometry import load_mesh, validity
 from judge3d.world.topology import edge_topology
 from judge3d.world.voxel import LEVEL_SNAP, occupancy_to_mesh
@@ -105,7 +105,7 @@ def main() -> int:
     import torch
 
     from judge3d.generators import load_generator
-    from judge3d.generators.mesh_sets import generate_set, plan_set
+    from judge3d.pipeline.mesh_sets import generate_set, plan_set
     from judge3d.judges.candidates import build_candidates
     from judge3d.render.batch import render_manifest
 

@@ -1,11 +1,11 @@
-"""Do the pinned CPU numerics (judge3d.numerics) give byte-identical training on different CPUs, and
+"""Do the pinned CPU numerics (judge3d.core.numerics) give byte-identical training on different CPUs, and
 what do the pins cost in speed?
 
 Each configuration runs in a fresh process (this script re-started as a child), because the
 variables must be in the environment before torch, MKL and oneDNN initialise:
 
 * ``native``          no pins (``JUDGE3D_NATIVE_NUMERICS=1``, pinned variables removed)
-* ``pinned``          :func:`judge3d.numerics.pin_cpu_numerics`
+* ``pinned``          :func:`judge3d.core.numerics.pin_cpu_numerics`
 * ``pinned_nomkldnn`` pinned, and ``torch.backends.mkldnn.enabled = False`` (no oneDNN conv/linear)
 
 * ``pinned_fused``    pinned, and the optimizer is ``AdamW(fused=True)`` (ATen's own vectorised update,
@@ -94,7 +94,7 @@ def cpu_flags() -> str:
 
 
 def child_env(config: str, threads: int) -> dict[str, str]:
-    from judge3d.numerics import PINNED_CPU_ENV  # plain module: imports no torch
+    from judge3d.core.numerics import PINNED_CPU_ENV  # plain module: imports no torch
 
     env = {k: v for k, v in os.environ.items() if k not in set(EXTRA_KEYS) | set(PINNED_CPU_ENV)}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -380,7 +380,7 @@ def timed_training(torch, model, opt, data, loss_of, init: str) -> dict:
 
 def child(args) -> None:
     config = args.child
-    from judge3d.numerics import PINNED_CPU_ENV, pin_cpu_numerics
+    from judge3d.core.numerics import PINNED_CPU_ENV, pin_cpu_numerics
 
     base = config.removesuffix("_fused")          # "<config>_fused": the same, with AdamW(fused=True)
     if config.startswith("pinned"):

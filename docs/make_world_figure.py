@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from judge3d.config import load_params
-from judge3d.io import read_jsonl
+from judge3d.core.config import load_params
+from judge3d.core.io import read_jsonl
 from judge3d.render import MontageRenderer
 from judge3d.world.geometry import load_mesh
 

@@ -8,7 +8,7 @@ project's dependencies; this module stops such a stage at once with the fix, ins
 It puts this checkout's ``src/`` first on ``sys.path``, so a stage always runs the code its
 ``dvc.yaml`` deps hash, even when the venv's editable install points at another clone.
 
-Then it pins the CPU numerics (:mod:`judge3d.numerics`) before anything imports torch.
+Then it pins the CPU numerics (:mod:`judge3d.core.numerics`) before anything imports torch.
 """
 from __future__ import annotations
 
@@ -35,6 +35,6 @@ _require_project_venv()
 if str(REPO / "src") not in sys.path[:2]:
     sys.path.insert(1, str(REPO / "src"))
 
-from judge3d.numerics import pin_cpu_numerics  # noqa: E402  (needs src/ on sys.path)
+from judge3d.core.numerics import pin_cpu_numerics  # noqa: E402  (needs src/ on sys.path)
 
 pin_cpu_numerics()

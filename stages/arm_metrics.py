@@ -7,8 +7,8 @@ import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics befo
 import argparse
 import sys
 
-from judge3d.config import load_params
-from judge3d.io import write_json
+from judge3d.core.config import load_params
+from judge3d.core.io import write_json
 from judge3d.report.arm_metrics import arm_metrics_from_files, arm_paths, arm_spec, report_settings
 
 

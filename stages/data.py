@@ -7,8 +7,8 @@ import argparse
 import sys
 import time
 
-from judge3d.config import ParamsError, load_params
-from judge3d.world.dataset import build_world
+from judge3d.core.config import ParamsError, load_params
+from judge3d.pipeline.world import build_world_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        rows = build_world(load_params(args.params), args.out)
+        rows = build_world_files(load_params(args.params), args.out)
     except (ParamsError, FileNotFoundError, ValueError) as exc:
         print(f"data: {exc}", file=sys.stderr)
         return 2

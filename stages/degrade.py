@@ -6,7 +6,7 @@ import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics befo
 import argparse
 import sys
 
-from judge3d.config import ParamsError, load_params
+from judge3d.core.config import ParamsError, load_params
 from judge3d.world.degrade import SEVERITIES
 from judge3d.world.dataset import degrade_world
 

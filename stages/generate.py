@@ -7,10 +7,10 @@ import argparse
 
 import torch
 
-from judge3d.config import load_params, require
+from judge3d.core.config import load_params, require
 from judge3d.generators import load_generator
-from judge3d.generators.mesh_sets import generate_set, plan_set
-from judge3d.io import read_jsonl
+from judge3d.pipeline.mesh_sets import generate_set, plan_set
+from judge3d.core.io import read_jsonl
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="default: data/judge_candidates/<split>")
     args = parser.parse_args(argv)
 
-    from judge3d.config import load_params
-    from judge3d.io import read_jsonl
+    from judge3d.core.config import load_params
+    from judge3d.core.io import read_jsonl
     from judge3d.judges.candidates import build_candidates
 
     params = load_params()

@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from judge3d.adapt import apply_arm
-    from judge3d.adapt.evaluate import arm_regime, evaluate_arm
-    from judge3d.config import load_params, require
+    from judge3d.pipeline.arm_eval import arm_regime, evaluate_arm
+    from judge3d.core.config import load_params, require
     from judge3d.generators import load_generator
     from judge3d.judges.protocol import summarize
-    from judge3d.judges.runs import load_judge
-    from judge3d.seeding import seed_everything
+    from judge3d.pipeline.judging import load_judge
+    from judge3d.core.seeding import seed_everything
 
     params = load_params()
     require(params, f"arms.{args.arm}", dict, hint="judge-eval runs one arm of the arms block")

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from judge3d.config import load_params, require
-    from judge3d.judges.runs import load_judge, run_judge_train_labels
-    from judge3d.seeding import seed_everything
+    from judge3d.core.config import load_params, require
+    from judge3d.pipeline.judging import load_judge, run_judge_train_labels
+    from judge3d.core.seeding import seed_everything
 
     params = load_params()
     seed_everything(require(params, "seed", int))

@@ -5,7 +5,7 @@ import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics befo
 
 import argparse
 
-from judge3d.config import load_params
+from judge3d.core.config import load_params
 from judge3d.generators.pretrain import pretrain
 
 

@@ -18,8 +18,8 @@ def main() -> None:
 
     from dvclive import Live
 
-    from judge3d.config import load_params, require
-    from judge3d.io import read_jsonl, write_json
+    from judge3d.core.config import load_params, require
+    from judge3d.core.io import read_jsonl, write_json
     from judge3d.judges.tiny import TinySizes
     from judge3d.judges.train import TrainConfig, train_judge
 

@@ -6,7 +6,7 @@ import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics befo
 import argparse
 import sys
 
-from judge3d.config import load_params
+from judge3d.core.config import load_params
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from judge3d.adapt.train import ArmPaths, arm_spec, check_dvc_params, dvc_stanza, run_arm
-    from judge3d.config import load_params
-    from judge3d.io import write_json
+    from judge3d.core.config import load_params
+    from judge3d.core.io import write_json
 
     params = load_params()
     paths = ArmPaths(base=args.base, world=args.world, pairs=args.pairs, generated=args.generated,

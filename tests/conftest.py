@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from judge3d.resume import ENV_VAR
+from judge3d.core.resume import ENV_VAR
 
 
 @pytest.fixture(autouse=True)

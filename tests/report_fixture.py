@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from judge3d.io import write_json, write_jsonl
+from judge3d.core.io import write_json, write_jsonl
 from judge3d.judges.protocol import Pair, run_pairs
 from judge3d.report.judge_metrics import calibration_metrics_from_dir, labels_metrics_from_logs
 
@@ -153,7 +153,7 @@ def _calibration(tmp: Path, params: dict, quality: dict, ok: bool, eval_judge) -
         _run(tmp, judge, ps, f"data/calibration/eval_{name}.jsonl")
     _run(tmp, ScriptedBackend("train-judge@test", quality), pairs["clear_gap"], "data/calibration/train_clear_gap.jsonl")
     write_json(tmp / "metrics/calibration.json", calibration_metrics_from_dir(tmp / "data/calibration", params))
-    from judge3d.judges.runs import write_plot_csv
+    from judge3d.pipeline.judging import write_plot_csv
     from judge3d.report.judge_metrics import flip_vs_gap_csv_rows
     write_plot_csv(tmp / "metrics/plots/flip_vs_gap.csv", flip_vs_gap_csv_rows(read_cal(tmp)))
 
@@ -169,7 +169,7 @@ def _calibration(tmp: Path, params: dict, quality: dict, ok: bool, eval_judge) -
 
 
 def read_cal(tmp: Path) -> dict:
-    from judge3d.io import read_json
+    from judge3d.core.io import read_json
     return read_json(tmp / "metrics/calibration.json")
 
 

@@ -19,7 +19,7 @@ from judge3d.adapt.probes import fm_mse, is_diverged, make_probe_set
 from judge3d.adapt.repair import ConditionRepair
 from judge3d.adapt.train import (ArmPaths, arm_spec, check_dvc_params, run_arm, train_lora_arm,
                                  train_repair_arm)
-from judge3d.config import ParamsError
+from judge3d.core.config import ParamsError
 from judge3d.generators.mini import ConditionerConfig, FlowConfig, MiniConfig, MiniGenerator
 
 R = 8

@@ -11,8 +11,8 @@ import pytest
 import trimesh
 from PIL import Image
 
-from judge3d.config import ParamsError, load_params
-from judge3d.io import ModelFileError, read_jsonl, write_jsonl
+from judge3d.core.config import ParamsError, load_params
+from judge3d.core.io import ModelFileError, read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -76,7 +76,7 @@ def _cal_params():
 
 
 def test_calibrate_sets_aside_flagged_montages_and_counts_them(tmp_path):
-    from judge3d.judges.runs import run_calibrate
+    from judge3d.pipeline.judging import run_calibrate
     from judge3d.report.judge_metrics import calibration_metrics_from_dir
 
     root = _heldout(tmp_path)
@@ -95,7 +95,7 @@ def test_calibrate_sets_aside_flagged_montages_and_counts_them(tmp_path):
 
 
 def test_arm_pairs_with_a_flagged_montage_are_not_judged_and_counted(tmp_path):
-    from judge3d.adapt.evaluate import arm_pairs
+    from judge3d.pipeline.arm_eval import arm_pairs
     from judge3d.judges.pairing import partition_flagged
 
     root = _heldout(tmp_path)
@@ -137,7 +137,7 @@ def test_arm_metrics_count_flagged_pairs_and_drop_their_stale_verdicts():
 
 
 def test_ground_truth_outside_the_canonical_cube_is_an_error_naming_the_file(tmp_path):
-    from judge3d.generators.mesh_sets import _CandidateScorer
+    from judge3d.pipeline.mesh_sets import _CandidateScorer
 
     gt = trimesh.creation.box(extents=[0.5] * 3)
     gt.apply_translation([3.0, 0, 0])
@@ -241,7 +241,7 @@ def test_damaged_generator_folder_names_the_file_and_fix(tmp_path, damage, file,
 
 # ------------------------------------------------------------------ params
 def test_params_and_profiles_use_only_known_keys():
-    from judge3d.config import check_known_keys, load_yaml
+    from judge3d.core.config import check_known_keys, load_yaml
 
     for profile in sorted((REPO / "profiles").glob("*.yaml")):
         check_known_keys(load_yaml(profile), str(profile))  # raises naming the key if one is unknown

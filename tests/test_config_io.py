@@ -5,9 +5,9 @@ import pytest
 import yaml
 
 from judge3d.cli import apply_profile
-from judge3d.config import ParamsError, deep_merge, load_params, require
-from judge3d.io import JsonlAppender, read_jsonl, write_json, write_jsonl
-from judge3d.seeding import derive_seed
+from judge3d.core.config import ParamsError, deep_merge, load_params, require
+from judge3d.core.io import JsonlAppender, read_jsonl, write_json, write_jsonl
+from judge3d.core.seeding import derive_seed
 
 
 def test_require_names_missing_and_bad_keys():
@@ -51,7 +51,7 @@ def test_derive_seed_stable_and_distinct():
 def test_seed_everything_makes_torch_deterministic_and_repeatable():
     import torch
 
-    from judge3d.seeding import seed_everything
+    from judge3d.core.seeding import seed_everything
 
     seed_everything(7)
     first = torch.rand(3)

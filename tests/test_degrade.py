@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from judge3d.config import ParamsError, load_params
+from judge3d.core.config import ParamsError, load_params
 from judge3d.world.degrade import SEVERITIES, degrade, mse, severity_spec
 from judge3d.world.shapes import build_shape
 

@@ -221,9 +221,9 @@ def test_peft_lora_wraps_flow_model_through_the_interface():
 
 
 def test_mesh_set_plan_shares_seeds_across_sets_and_rejects_bad_params(tmp_path):
-    from judge3d.config import ParamsError
-    from judge3d.generators.mesh_sets import plan_set
-    from judge3d.io import write_jsonl
+    from judge3d.core.config import ParamsError
+    from judge3d.pipeline.mesh_sets import plan_set
+    from judge3d.core.io import write_jsonl
 
     world = [{"object_id": f"heldout-{i:04d}", "category": "chair", "split": "heldout", "mesh_path": "m",
               "voxel_path": "v", "image_path": f"clean{i}.png"} for i in range(4)]

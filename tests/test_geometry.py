@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from judge3d.config import ParamsError, load_params
+from judge3d.core.config import ParamsError, load_params
 from judge3d.world.geometry import (CHAMFER_CAP, load_mesh, oracle_metrics, prepare_ground_truth,
                                     surface_samples, validity)
 from judge3d.world.shapes import build_shape

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
-from judge3d.io import file_sha256  # noqa: E402
+from judge3d.core.io import file_sha256  # noqa: E402
 from judge3d.judges.hf import HFJudge, JudgeLoadError, gather_answer_ids, p_first_from_logits  # noqa: E402
 from judge3d.judges.tiny import (TinyLMSize, TinySizes, TinyVisionSize, build_tiny_internvl,  # noqa: E402
                                  build_tiny_qwen25vl, build_tokenizer)
@@ -175,7 +175,7 @@ def test_pickle_only_checkpoint_is_refused(judge_dirs, tmp_path):
 
 
 # ------------------------------------------------------------------ pair data and the degenerate-judge gate
-from judge3d.judges.pairs import (build_pairs, corrupt_holes, corrupt_missing_part, corrupt_noise,  # noqa: E402
+from judge3d.world.corruptions import (build_pairs, corrupt_holes, corrupt_missing_part, corrupt_noise,  # noqa: E402
                                   corrupt_speckle)
 from judge3d.judges.train import DegenerateJudgeError, TrainConfig, check_not_degenerate, evaluate_pairs  # noqa: E402
 
@@ -301,7 +301,7 @@ def test_batches_are_seeded_and_the_curriculum_draws_clear_pairs_first():
     assert [p["pair_id"] for p in other] != [p["pair_id"] for p in sample_batch(pairs, 0, cfg, "train")[0]]
     # no curriculum: the same draws as before the curriculum existed (one seeded stream per step)
     plain, _ = sample_batch(pairs, 7, TrainConfig(batch_size=8, seed=3), "train")
-    from judge3d.seeding import rng
+    from judge3d.core.seeding import rng
     idx = rng(3, "judge-batch", "train", 7).choice(len(pairs), 8, replace=False)
     assert [p["pair_id"] for p in plain] == [pairs[i]["pair_id"] for i in idx]
 

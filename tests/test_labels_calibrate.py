@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from judge3d.config import ParamsError, load_params
+from judge3d.core.config import ParamsError, load_params
 from judge3d.judges.pairing import (base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs, kept_pairs,
                                     train_label_pairs)
 from judge3d.judges.protocol import pair_verdicts
-from judge3d.judges.runs import run_calibrate, run_judge_train_labels
+from judge3d.pipeline.judging import run_calibrate, run_judge_train_labels
 from judge3d.judges.verdict_log import prompt_sha256, query_key, verdict_of
 from judge3d.report.judge_metrics import (calibration_metrics, calibration_metrics_from_dir, flip_gap_correlation,
                                           flip_vs_gap, labels_metrics_from_logs, thresholds)
-from judge3d.io import read_json, read_jsonl, write_jsonl
+from judge3d.core.io import read_json, read_jsonl, write_jsonl
 
 PROMPT = "Which montage is the better reconstruction? Answer A or B."
 PARAMS = {

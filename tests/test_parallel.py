@@ -13,8 +13,8 @@ import pytest
 import torch
 import trimesh
 
-from judge3d.io import read_jsonl, write_jsonl
-from judge3d.parallel import WORKERS_ENV, ordered_map, worker_count
+from judge3d.core.io import read_jsonl, write_jsonl
+from judge3d.core.parallel import WORKERS_ENV, ordered_map, worker_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def _set_params(split: str, n_objects: int, n_seeds: int) -> dict:
 
 
 def test_generate_set_rows_do_not_depend_on_worker_count(tmp_path):
-    from judge3d.generators.mesh_sets import plan_set, generate_set
+    from judge3d.pipeline.mesh_sets import plan_set, generate_set
     from test_generator import tiny_generator
 
     world = _world(tmp_path, "heldout", 3)
@@ -113,7 +113,7 @@ def test_generate_set_rows_do_not_depend_on_worker_count(tmp_path):
 
 def test_saved_occupancy_is_the_oracle_grid_and_feeds_the_arm_targets(tmp_path):
     from judge3d.adapt.data import load_target
-    from judge3d.generators.mesh_sets import generate_set, plan_set
+    from judge3d.pipeline.mesh_sets import generate_set, plan_set
     from judge3d.world.geometry import load_mesh
     from judge3d.world.voxel import voxelize
     from test_generator import tiny_generator
@@ -146,7 +146,7 @@ def test_judge_candidates_do_not_depend_on_worker_count(tmp_path):
 
 RENDER_SCRIPT = """
 import sys
-from judge3d.config import load_params
+from judge3d.core.config import load_params
 from judge3d.render.batch import render_manifest
 render_manifest(sys.argv[1], sys.argv[2], load_params(sys.argv[3]))
 """
@@ -214,7 +214,7 @@ def test_a_worker_that_dies_breaks_the_map_instead_of_hanging_it():
 
 
 def test_saved_occupancy_is_float16_only_where_exact(tmp_path):
-    from judge3d.generators.mesh_sets import save_occupancy
+    from judge3d.pipeline.mesh_sets import save_occupancy
 
     for supersample, dtype in ((2, np.float16), (3, np.float32)):
         grid = (np.arange(supersample ** 3 + 1) / supersample ** 3).astype(np.float32)

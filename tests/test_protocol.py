@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from judge3d import stats
-from judge3d.io import read_jsonl
+from judge3d.core import stats
+from judge3d.core.io import read_jsonl
 from judge3d.judges.protocol import (Pair, aggregate, judge_agreement, pair_verdicts, queries_for, run_pairs,
                                      summarize)
 from judge3d.judges.verdict_log import check_row, prompt_sha256, read_log, verdict_of

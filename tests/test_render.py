@@ -14,8 +14,8 @@ import pytest
 import trimesh
 from PIL import Image
 
-from judge3d.config import load_params
-from judge3d.io import read_jsonl, write_jsonl
+from judge3d.core.config import load_params
+from judge3d.core.io import read_jsonl, write_jsonl
 from judge3d.render import MontageRenderer, decode_normals, render_input_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_mesh_beyond_the_frame_is_flagged_clipped(renderer):
 
 
 def test_bad_render_params_name_the_key():
-    from judge3d.config import ParamsError
+    from judge3d.core.config import ParamsError
 
     params = {"render": dict(PARAMS["render"], camera_distance=1.2)}
     with pytest.raises(ParamsError, match="camera_distance"):
@@ -235,7 +235,7 @@ def test_render_stage_on_two_row_manifest(tmp_path, monkeypatch):
     first = Path(out[0]["montage_path"]).read_bytes()
 
     # resume after a kill: row 0 finished (PNG + progress record), row 1 and the manifest not written
-    from judge3d.io import write_jsonl as write_progress
+    from judge3d.core.io import write_jsonl as write_progress
     from judge3d.render.batch import PROGRESS_FILE
 
     flags0 = {k: v for k, v in out[0].items() if k.startswith("render_")}

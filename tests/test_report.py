@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from judge3d import stats
-from judge3d.io import read_json, read_jsonl
+from judge3d.core import stats
+from judge3d.core.io import read_json, read_jsonl
 from judge3d.report.arm_metrics import arm_metrics, arm_metrics_from_files, load_arm_inputs
 from judge3d.report.build import write_report
 from report_fixture import build_repo, run_stages
@@ -181,7 +181,7 @@ def test_arm_metrics_rejects_inconsistent_inputs(repo):
         arm_metrics(rows, manifest, base, {**train, "severity": "mild"}, params, "repair_severe")
     with pytest.raises(ValueError, match="not in the arm's manifest"):
         arm_metrics(rows, manifest[1:], base, train, params, "repair_severe")
-    from judge3d.config import ParamsError
+    from judge3d.core.config import ParamsError
     with pytest.raises(ParamsError, match="report.arms.nope"):
         arm_metrics(rows, manifest, base, train, params, "nope")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import yaml
 
 from judge3d.adapt.train import dvc_stanza
-from judge3d.config import load_params
-from judge3d.dvcgen import import_closure, missing_code_deps
+from judge3d.core.config import load_params
+from judge3d.pipeline.dvcgen import import_closure, missing_code_deps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,8 @@ def test_every_stage_lists_its_import_closure():
 def test_closure_follows_lazy_and_transitive_imports():
     closure = {p.as_posix() for p in import_closure("stages/calibrate.py", REPO)}
     # imported inside functions / through other modules, never named by the stage script itself
-    for needed in ("src/judge3d/stats.py", "src/judge3d/judges/verdict_log.py", "src/judge3d/seeding.py",
-                   "src/judge3d/numerics.py", "stages/_stage_env.py", "src/judge3d/judges/__init__.py"):
+    for needed in ("src/judge3d/core/stats.py", "src/judge3d/judges/verdict_log.py", "src/judge3d/core/seeding.py",
+                   "src/judge3d/core/numerics.py", "stages/_stage_env.py", "src/judge3d/judges/__init__.py"):
         assert needed in closure, needed
 
 
@@ -31,12 +31,15 @@ def test_a_missing_dep_is_reported_by_stage_and_file(tmp_path):
     (tmp_path / "stages").mkdir()
     (tmp_path / "src" / "judge3d").mkdir(parents=True)
     (tmp_path / "src" / "judge3d" / "__init__.py").write_text("")
-    (tmp_path / "src" / "judge3d" / "stats.py").write_text("import math\n")
-    (tmp_path / "src" / "judge3d" / "metrics.py").write_text("def f():\n    from judge3d.stats import x\n")
+    (tmp_path / "src" / "judge3d" / "core").mkdir()
+    (tmp_path / "src" / "judge3d" / "core" / "__init__.py").write_text("")
+    (tmp_path / "src" / "judge3d" / "core" / "stats.py").write_text("import math\n")
+    (tmp_path / "src" / "judge3d" / "metrics.py").write_text("def f():\n    from judge3d.core.stats import x\n")
     (tmp_path / "stages" / "s.py").write_text("from judge3d.metrics import f\n")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {
         "cmd": "python stages/s.py", "deps": ["stages/s.py", "src/judge3d/metrics.py"]}}}))
-    assert missing_code_deps(tmp_path / "dvc.yaml") == {"s": ["src/judge3d/__init__.py", "src/judge3d/stats.py"]}
+    assert missing_code_deps(tmp_path / "dvc.yaml") == {"s": ["src/judge3d/__init__.py", "src/judge3d/core/__init__.py",
+                                                           "src/judge3d/core/stats.py"]}
 
 
 def test_train_adapter_stanza_is_what_the_generator_writes(monkeypatch):

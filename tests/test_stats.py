@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from judge3d import stats
+from judge3d.core import stats
 
 
 def test_wilson_known_values():

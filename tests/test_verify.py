@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from judge3d.cli import main as cli_main
-from judge3d.io import read_json, write_json
-from judge3d.report.verify import diff_values, verify_repo
+from judge3d.core.io import read_json, write_json
+from judge3d.pipeline.verify import diff_values, verify_repo
 from report_fixture import build_repo, run_stages
 
 

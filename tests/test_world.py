@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from judge3d.config import load_params
-from judge3d.io import file_sha256, read_jsonl
+from judge3d.core.config import load_params
+from judge3d.core.io import file_sha256, read_jsonl
+from judge3d.pipeline.world import build_world_files
 from judge3d.world.dataset import SPLITS, build_world, degrade_world, plan_objects, WorldConfig
 from judge3d.world.geometry import load_mesh, soft_iou
 from judge3d.world.shapes import CATEGORIES, ShapeError, build_shape
@@ -127,7 +128,7 @@ def test_plan_is_round_robin_and_disjoint_at_default_sizes():
 
 def test_build_world_tiny_is_disjoint_deterministic_and_resumable(tmp_path):
     params = _tiny_params()
-    rows = build_world(params, tmp_path / "a" / "world", root=tmp_path, progress=False)
+    rows = build_world_files(params, tmp_path / "a" / "world", root=tmp_path, progress=False)
     assert [r["split"] for r in rows].count("heldout") == 3 and len(rows) == 12
     for r in rows:
         for key in ("mesh_path", "voxel_path", "image_path"):
@@ -142,7 +143,7 @@ def test_build_world_tiny_is_disjoint_deterministic_and_resumable(tmp_path):
     assert read_jsonl(tmp_path / "a" / "world" / "manifest.jsonl") == rows
 
     # same params, another directory: byte-identical files
-    rows_b = build_world(params, tmp_path / "b" / "world", root=tmp_path, progress=False)
+    rows_b = build_world_files(params, tmp_path / "b" / "world", root=tmp_path, progress=False)
     for ra, rb in zip(rows, rows_b):
         for key in ("mesh_path", "voxel_path", "image_path"):
             assert file_sha256(tmp_path / ra[key]) == file_sha256(tmp_path / rb[key])
@@ -176,7 +177,7 @@ def test_build_world_tiny_is_disjoint_deterministic_and_resumable(tmp_path):
 
 def test_degrade_world_only_listed_splits(tmp_path):
     params = _tiny_params(2)
-    build_world(params, tmp_path / "world", root=tmp_path, progress=False)
+    build_world_files(params, tmp_path / "world", root=tmp_path, progress=False)
     rows = degrade_world(params, "medium", tmp_path / "world" / "manifest.jsonl", tmp_path / "deg" / "medium",
                          root=tmp_path, progress=False)
     assert {r["split"] for r in rows} == set(PARAMS["world"]["degraded_splits"])

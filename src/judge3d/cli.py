@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from judge3d.config import PARAMS_FILE, ParamsError, check_known_keys, deep_merge, load_params, load_yaml
+from judge3d.core.config import PARAMS_FILE, ParamsError, check_known_keys, deep_merge, load_params, load_yaml
 
 PROFILES_DIR = Path("profiles")
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"applied profile '{args.name}' to {PARAMS_FILE}")
             return 0
         if args.command == "verify":
-            from judge3d.report.verify import verify_repo
+            from judge3d.pipeline.verify import verify_repo
 
             mismatches = verify_repo(Path(args.root))
             for line in mismatches:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print("verify: every number in metrics/ matches the raw logs")
             return 0
         if args.command == "dvc-deps":
-            from judge3d.dvcgen import missing_code_deps, write_missing_code_deps
+            from judge3d.pipeline.dvcgen import missing_code_deps, write_missing_code_deps
 
             if args.write:
                 _regenerate_train_adapter(Path(args.dvc_yaml))

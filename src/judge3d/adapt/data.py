@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from judge3d.generators.pretrain import load_image
-from judge3d.io import read_jsonl
-from judge3d.seeding import rng
+from judge3d.world.dataset import load_image
+from judge3d.core.io import read_jsonl
+from judge3d.core.seeding import rng
 
 PAIR_KEYS = ("object_id", "winner_candidate", "loser_candidate")
 

@@ -30,12 +30,12 @@ from judge3d.adapt.data import FeaturePairs, TargetSet, split_indices, split_pro
 from judge3d.adapt.losses import dpo_loss, feature_mse, orpo_loss, sft_loss
 from judge3d.adapt.probes import ProbeSet, eval_mode, feat_mse, fm_mse, is_diverged, make_probe_set
 from judge3d.adapt.repair import ConditionRepair
-from judge3d.config import ParamsError, deep_merge, require
+from judge3d.core.config import ParamsError, deep_merge, require
 from judge3d.generators.sampler import sample_logit_normal_t
-from judge3d.io import read_jsonl
-from judge3d.numerics import adamw
-from judge3d.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
-from judge3d.seeding import derive_seed
+from judge3d.core.io import read_jsonl
+from judge3d.core.numerics import adamw
+from judge3d.core.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
+from judge3d.core.seeding import derive_seed
 
 KINDS = ("sft_best", "dpo", "orpo", "sft_clean", "repair")
 SEVERITIES = ("mild", "medium", "severe")
@@ -197,7 +197,7 @@ def _load_ckpt(ckpt: Path, module: torch.nn.Module, opt, fingerprint: str) -> tu
 def _run_checkpoint(out_dir: Path, spec: ArmSpec, *tensors: torch.Tensor | None,
                     module: torch.nn.Module | None = None) -> tuple[Path, str]:
     """This run's checkpoint folder and fingerprint: the arm's settings, its training tensors and the
-    weights it starts from. The folder lives outside the DVC output (:mod:`judge3d.resume`), so a
+    weights it starts from. The folder lives outside the DVC output (:mod:`judge3d.core.resume`), so a
     checkpoint of other data or another base is never resumed."""
     digests = [hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
                for t in tensors if t is not None]
@@ -431,9 +431,9 @@ CODE_FOLDERS = ("src/judge3d/adapt", "src/judge3d/generators")
 
 
 def code_deps(repo: str | Path = ".") -> tuple[str, ...]:
-    """The code the train-adapter stage runs: its script's whole import closure (``judge3d.dvcgen``),
+    """The code the train-adapter stage runs: its script's whole import closure (``judge3d.pipeline.dvcgen``),
     with the two packages it is mostly made of listed as folders."""
-    from judge3d.dvcgen import import_closure
+    from judge3d.pipeline.dvcgen import import_closure
 
     files = sorted(p.as_posix() for p in import_closure("stages/train_adapter.py", repo))
     rest = [f for f in files if not any(f.startswith(folder + "/") for folder in CODE_FOLDERS)]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from judge3d.generators import sampler as rf
-from judge3d.io import ModelFileError, check_safetensors, read_model_json
+from judge3d.core.io import ModelFileError, check_safetensors, read_model_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -120,7 +120,7 @@ class Generator(abc.ABC):
 
     def decode_jobs(self, latents: torch.Tensor) -> list:
         """Latents -> one picklable job per sample whose ``.mesh()`` is what :meth:`decode` returns,
-        so CPU-side decoding can run in worker processes (judge3d.parallel). The default decodes
+        so CPU-side decoding can run in worker processes (judge3d.core.parallel). The default decodes
         here and ships the finished meshes; a generator whose decoder is CPU work overrides it."""
         return [MeshPayload.of(mesh) for mesh in self.decode(latents)]
 

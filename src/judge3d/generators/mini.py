@@ -22,7 +22,7 @@ from torch import nn
 
 from judge3d.generators.base import (CONFIG_NAME, WEIGHTS_NAME, Generator, read_config, remake_hint,
                                      resolve_device)
-from judge3d.io import ModelFileError
+from judge3d.core.io import ModelFileError
 
 BACKEND = "mini"
 
@@ -450,7 +450,7 @@ def mini_config_from_params(base: dict[str, Any], resolution: int) -> MiniConfig
     for name, dc, given in (("conditioner", ConditionerConfig, cond), ("flow", FlowConfig, flow)):
         bad = set(given) - set(dc.__dataclass_fields__)
         if bad:
-            from judge3d.config import ParamsError
+            from judge3d.core.config import ParamsError
             raise ParamsError(f"params.yaml: unknown key(s) base.model.{name}.{sorted(bad)}; "
                               f"known: {sorted(dc.__dataclass_fields__)}")
     return MiniConfig.from_dict({"conditioner": cond, "flow": flow, **model})

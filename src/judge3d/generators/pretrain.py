@@ -2,7 +2,7 @@
 split's clean images and occupancy grids with the rectified-flow loss; the conditioner is frozen after.
 
 Resumable: a checkpoint (weights, optimizer, RNG state, step) is written every ``checkpoint_every``
-steps into a folder outside the DVC output (:mod:`judge3d.resume`, keyed by settings and data) and
+steps into a folder outside the DVC output (:mod:`judge3d.core.resume`, keyed by settings and data) and
 picked up by the next run, also under ``dvc repro``; it is removed once the model is saved.
 """
 from __future__ import annotations
@@ -18,17 +18,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from judge3d.config import ParamsError, require
+from judge3d.core.config import ParamsError, require
 from judge3d.generators.mini import MiniGenerator, mini_config_from_params
-from judge3d.io import read_jsonl
-from judge3d.numerics import adamw
-from judge3d.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
-from judge3d.seeding import derive_seed, seed_everything
+from judge3d.core.io import read_jsonl
+from judge3d.core.numerics import adamw
+from judge3d.core.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
+from judge3d.core.seeding import derive_seed, seed_everything
+from judge3d.world.dataset import load_image, load_voxels
 
 
 @dataclass
@@ -67,27 +67,6 @@ def lr_at(step: int, s: TrainSettings) -> float:
         return s.lr * (step + 1) / s.warmup_steps
     frac = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input image {path} not found: run the data (or degrade) stage.")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as exc:
-        raise ValueError(f"input image {path} is not a readable image ({exc}); rerun the data stage.") from exc
-
-
-def load_voxels(path: str | Path, resolution: int) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"voxel grid {path} not found: run the data stage.")
-    grid = np.load(path, allow_pickle=False)
-    if grid.shape != (resolution,) * 3 or not np.isfinite(grid).all():
-        raise ValueError(f"voxel grid {path}: expected finite ({resolution},)*3, got {grid.shape}; rerun data.")
-    return grid.astype(np.float32)
 
 
 def load_training_set(manifest: str | Path, resolution: int, split: str = "train",
@@ -202,7 +181,7 @@ def fit(gen: MiniGenerator, img_t: torch.Tensor, x0_all: torch.Tensor, settings:
 
 def pretrain_checkpoint(params: dict[str, Any], out_dir: str | Path, *inputs: torch.Tensor) -> Path:
     """Where this run's checkpoint lives: outside the stage's DVC outputs (which DVC deletes before a
-    rerun), keyed by the settings, the seed and the training tensors themselves (:mod:`judge3d.resume`)."""
+    rerun), keyed by the settings, the seed and the training tensors themselves (:mod:`judge3d.core.resume`)."""
     data = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in inputs]
     return checkpoint_dir(out_dir, fingerprint(require(params, "base", dict), require(params, "seed", int), data))
 

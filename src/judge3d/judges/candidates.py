@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from judge3d.config import require
-from judge3d.io import JsonlAppender, read_jsonl, write_jsonl
-from judge3d.judges.pairs import CORRUPTIONS, make_corruptions
+from judge3d.core.config import require
+from judge3d.core.io import JsonlAppender, read_jsonl, write_jsonl
+from judge3d.world.corruptions import CORRUPTIONS, make_corruptions
 
 PARTIAL = ".partial.jsonl"
 
@@ -44,11 +44,11 @@ def build_candidates(split: str, world_rows: Sequence[dict[str, Any]], generated
                      out_dir: str | Path, params: Mapping[str, Any], workers: int | None = None) -> list[dict[str, Any]]:
     """Write ``out_dir/<candidate>.ply`` for GT + corruptions and ``out_dir/manifest.jsonl`` (all candidates).
 
-    Objects are processed in ``workers`` processes (:mod:`judge3d.parallel`); the rows do not
+    Objects are processed in ``workers`` processes (:mod:`judge3d.core.parallel`); the rows do not
     depend on the worker count. Resumable: objects whose rows are all in ``out_dir/.partial.jsonl``
     are kept.
     """
-    from judge3d.parallel import ordered_map
+    from judge3d.core.parallel import ordered_map
 
     kinds, levels = corruption_settings(params)
     out_dir = Path(out_dir)

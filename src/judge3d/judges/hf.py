@@ -470,7 +470,7 @@ def _image_key(image: ImageLike) -> str:
 
 def weights_sha256(folder: str | Path) -> str:
     """sha256 over the (name, sha256) of every safetensors file; refuses pickle-only checkpoints."""
-    from judge3d.io import file_sha256
+    from judge3d.core.io import file_sha256
 
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
@@ -524,7 +524,7 @@ def _remake_hint(model: str) -> str:
 def check_judge_files(folder: str | Path, model: str) -> None:
     """A judge folder's files, checked before transformers reads them: config.json parses, a tokenizer
     file exists, every *.safetensors file is whole. Each error names the folder, the file and the fix."""
-    from judge3d.io import ModelFileError, check_safetensors, read_model_json
+    from judge3d.core.io import ModelFileError, check_safetensors, read_model_json
 
     folder = Path(folder)
     hint = _remake_hint(model)

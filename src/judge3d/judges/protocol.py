@@ -17,10 +17,10 @@ from typing import Any, Iterable, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from judge3d import stats
-from judge3d.io import JsonlAppender, dumps, file_sha256, iter_jsonl
+from judge3d.core import stats
+from judge3d.core.io import JsonlAppender, dumps, file_sha256, iter_jsonl
 from judge3d.judges.verdict_log import ORDERS, latest_by_key, prompt_sha256, query_key, verdict_of
-from judge3d.resume import AnswerCache
+from judge3d.core.resume import AnswerCache
 
 # Categories for inter-judge kappa. A flip (incl. a tie in either order) is its own category: it is
 # the judge saying "cannot tell", and dropping those pairs would inflate agreement.
@@ -97,7 +97,7 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
     its pair metadata changed, the row is re-stamped (appended again, same answer, no model call).
     Rows are returned in pair order, 'xy' before 'yx'.
 
-    Answers also go to ``answer_cache`` (default: :class:`judge3d.resume.AnswerCache`), outside the
+    Answers also go to ``answer_cache`` (default: :class:`judge3d.core.resume.AnswerCache`), outside the
     stage's DVC outputs, batch by batch, so a stage killed under ``dvc repro`` (which deletes the log
     before rerunning) asks the model again only for the batches it had not finished. The cache files
     of this run are removed once every query is answered.

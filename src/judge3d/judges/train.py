@@ -24,11 +24,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from judge3d.judges.pairs import build_pairs, split_objects
-from judge3d.numerics import adamw
-from judge3d.resume import checkpoint_dir, drop_checkpoints, replace_dir_atomically
-from judge3d.seeding import rng, seed_everything
-from judge3d.stats import wilson_interval
+from judge3d.world.corruptions import build_pairs, split_objects
+from judge3d.core.numerics import adamw
+from judge3d.core.resume import checkpoint_dir, drop_checkpoints, replace_dir_atomically
+from judge3d.core.seeding import rng, seed_everything
+from judge3d.core.stats import wilson_interval
 
 
 class DegenerateJudgeError(RuntimeError):

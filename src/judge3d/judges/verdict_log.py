@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from judge3d.io import file_sha256, iter_jsonl
+from judge3d.core.io import file_sha256, iter_jsonl
 
 ORDERS = ("xy", "yx")
 VERDICTS = ("first", "second", "tie")

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 from PIL import Image
 from tqdm import tqdm
 
-from judge3d.io import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
-from judge3d.parallel import ordered_map
+from judge3d.core.io import JsonlAppender, iter_jsonl, read_jsonl, write_jsonl
+from judge3d.core.parallel import ordered_map
 from judge3d.render.egl import context_started
 from judge3d.render.montage import MontageRenderer
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from judge3d.config import ParamsError, require
+from judge3d.core.config import ParamsError, require
 from judge3d.render import egl
 from judge3d.render.cameras import cube_fits_view, look_at_origin_pose
 from judge3d.render.meshcheck import mesh_problem, triangle_soup

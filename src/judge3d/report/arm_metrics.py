@@ -15,9 +15,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from judge3d import stats
-from judge3d.config import ParamsError, require
-from judge3d.io import read_json, read_jsonl
+from judge3d.core import stats
+from judge3d.core.config import ParamsError, require
+from judge3d.core.io import read_json, read_jsonl
 from judge3d.judges.pairing import montage_flags
 from judge3d.judges.protocol import summarize
 from judge3d.judges.verdict_log import check_row, read_log

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from judge3d import stats
-from judge3d.io import read_jsonl
+from judge3d.core import stats
+from judge3d.core.io import read_jsonl
 
 METRICS = ("fscore", "iou")
 SEVERITIES = ("mild", "medium", "severe")
@@ -66,6 +66,6 @@ def base_metrics(generated_root: str | Path, seed: int = 0) -> dict[str, Any]:
 
 def base_metrics_from_files(root: str | Path, params: dict[str, Any]) -> dict[str, Any]:
     """metrics/base.json from the generated held-out manifests alone (the stage and verify both call this)."""
-    from judge3d.config import require
+    from judge3d.core.config import require
 
     return base_metrics(Path(root) / "data" / "generated", seed=require(params, "seed", int))

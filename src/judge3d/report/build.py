@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from judge3d.io import read_json, read_jsonl
+from judge3d.core.io import read_json, read_jsonl
 from judge3d.judges.protocol import pair_verdicts
 from judge3d.judges.verdict_log import read_log
 from judge3d.report.arm_metrics import ReportSettings, arm_paths, report_settings

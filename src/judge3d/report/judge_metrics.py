@@ -12,9 +12,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from judge3d import stats
-from judge3d.config import ParamsError, require
-from judge3d.io import read_jsonl
+from judge3d.core import stats
+from judge3d.core.config import ParamsError, require
+from judge3d.core.io import read_jsonl
 from judge3d.judges.pairing import FLAGGED_LOG
 from judge3d.judges.protocol import aggregate, judge_agreement, pair_verdicts
 from judge3d.judges.verdict_log import read_log

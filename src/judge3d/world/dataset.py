@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from judge3d.config import ParamsError, require
-from judge3d.io import JsonlAppender, bytes_sha256, dumps, file_sha256, iter_jsonl, read_jsonl, write_jsonl
-from judge3d.seeding import derive_seed
+from judge3d.core.config import ParamsError, require
+from judge3d.core.io import JsonlAppender, bytes_sha256, dumps, file_sha256, iter_jsonl, read_jsonl, write_jsonl
+from judge3d.core.seeding import derive_seed
 from judge3d.world.degrade import SEVERITIES, degrade, mse, severity_spec
 from judge3d.world.shapes import CATEGORIES, build_shape
 from judge3d.world.voxel import voxelize
@@ -84,21 +84,23 @@ def _build_key(row: Mapping[str, Any], cfg: WorldConfig) -> str:
                                "az": cfg.azimuth_deg, "el": cfg.elevation_deg, "bg": list(cfg.background)}).encode())
 
 
-def _default_renderer() -> Callable[..., np.ndarray]:
-    from judge3d.render import render_input_image
-    return render_input_image
-
-
-def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *, root: str | Path = ".",
-                render_fn: Callable[..., np.ndarray] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *,
+                render_fn: Callable[..., np.ndarray], workers: int | None = 1, root: str | Path = ".",
+                progress: bool = True) -> list[dict[str, Any]]:
     """Write meshes (.ply), voxels (.npy), clean images (.png) and ``manifest.jsonl`` under ``out_dir``.
+
+    ``render_fn(mesh, size, azimuth_deg, elevation_deg, background) -> (H, W, 3) uint8`` draws the
+    input image; the world layer takes it as an argument because rendering sits above it
+    (``judge3d.pipeline.world`` passes ``judge3d.render.render_input_image``). ``workers`` processes
+    build objects in parallel (``judge3d.core.parallel``; None = one per CPU); a ``render_fn`` that
+    keeps state in this process needs ``workers=1``.
 
     Resumable: finished objects are logged (flushed) to ``manifest.partial.jsonl`` with their
     files' hashes; a rerun skips those whose build key and files still match. Paths in the
     manifest are relative to ``root`` (the repo root).
     """
     cfg = WorldConfig.from_params(params)
-    render = render_fn or _default_renderer()
+    render = render_fn
     root, out_dir = Path(root), Path(out_dir)
     for sub in ("meshes", "voxels", "images"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -111,13 +113,8 @@ def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *
         previous = done.get(plan["object_id"])
         return previous is not None and previous["build_key"] == _build_key(plan, cfg)
 
-    # With the default renderer, objects are built in worker processes (judge3d.parallel), each
-    # opening its own EGL context; inline where this process holds one already, or where the caller
-    # passed its own render_fn (which may keep state this process needs).
-    from judge3d.parallel import ordered_map
-    from judge3d.render.egl import context_started
+    from judge3d.core.parallel import ordered_map
 
-    workers = 1 if render_fn is not None or context_started() else None
     built = ordered_map(lambda plan: _build_object(plan, cfg, out_dir, root, render),
                         [plan for plan in planned if not reusable(plan)], workers)
     rows = []
@@ -211,3 +208,24 @@ def degrade_world(params: Mapping[str, Any], severity: str, world_manifest: str 
                      "mse_vs_clean": mse(out, clean)})
     write_jsonl(out_dir / "manifest.jsonl", rows)
     return rows
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input image {path} not found: run the data (or degrade) stage.")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except OSError as exc:
+        raise ValueError(f"input image {path} is not a readable image ({exc}); rerun the data stage.") from exc
+
+
+def load_voxels(path: str | Path, resolution: int) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"voxel grid {path} not found: run the data stage.")
+    grid = np.load(path, allow_pickle=False)
+    if grid.shape != (resolution,) * 3 or not np.isfinite(grid).all():
+        raise ValueError(f"voxel grid {path}: expected finite ({resolution},)*3, got {grid.shape}; rerun data.")
+    return grid.astype(np.float32)

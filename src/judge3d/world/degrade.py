@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from judge3d.config import ParamsError, require
+from judge3d.core.config import ParamsError, require
 
 SEVERITIES = ("mild", "medium", "severe")
 OCCLUSION_FILLS = ("background", "grey")

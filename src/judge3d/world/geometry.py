@@ -19,8 +19,8 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from judge3d.config import ParamsError, require
-from judge3d.seeding import derive_seed
+from judge3d.core.config import ParamsError, require
+from judge3d.core.seeding import derive_seed
 from judge3d.world.topology import edge_topology
 from judge3d.world.voxel import points_inside, voxelize, z_crossings
 

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import trimesh
 
-from judge3d.seeding import derive_seed
+from judge3d.core.seeding import derive_seed
 
 CANONICAL_EXTENT = 0.9     # largest bounding-box side after normalization
 MIN_PART = 0.06            # thinnest part, in design units (max extent 1) -> 0.054 canonical

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from judge3d.config import ParamsError, require
-from judge3d.generators.mesh_sets import Job, generate_set, load_budgets
-from judge3d.io import read_jsonl, write_jsonl
+from judge3d.core.config import ParamsError, require
+from judge3d.pipeline.mesh_sets import Job, generate_set, load_budgets
+from judge3d.core.io import read_jsonl, write_jsonl
 from judge3d.judges.pairing import FLAGGED_LOG, partition_flagged
 from judge3d.judges.protocol import Pair, run_pairs
 

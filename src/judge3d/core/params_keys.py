@@ -1,4 +1,4 @@
-"""Every params.yaml key path judge3d knows: :func:`judge3d.config.load_params` rejects any other.
+"""Every params.yaml key path judge3d knows: :func:`judge3d.core.config.load_params` rejects any other.
 
 params.yaml (the mini profile) and profiles/*.yaml must only use these paths; ``*`` stands for one
 free name (an arm, a severity, a mesh set, a sampler budget, a report field alias). A new parameter

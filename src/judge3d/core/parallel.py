@@ -3,7 +3,7 @@
 That work is single-threaded numpy/scipy/trimesh, so on a 2-core machine one process leaves a core
 idle (measured: two scoring processes each run at ~0.85-0.95x the speed of one alone). Results
 never depend on the worker count: every item is computed by the same function from the same
-inputs (all randomness is keyed by names, see :mod:`judge3d.seeding`), and results come back in
+inputs (all randomness is keyed by names, see :mod:`judge3d.core.seeding`), and results come back in
 input order, so manifests and metrics are byte-identical for any ``JUDGE3D_WORKERS``.
 
 Workers are forked, so they inherit the parent's imports and loaded objects for free; they must

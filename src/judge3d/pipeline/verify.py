@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from judge3d.config import load_params
-from judge3d.io import iter_jsonl, read_json
+from judge3d.core.config import load_params
+from judge3d.core.io import iter_jsonl, read_json
 
 # Floats in metrics are rounded to 6 decimals; allow one unit in the last place for BLAS/platform
 # noise at a rounding boundary. A tampered number moves by far more.
@@ -150,7 +150,7 @@ def check_logs(root: Path, check_images: bool = False) -> list[str]:
 # metrics rules: (metrics file, function recomputing its content)
 # --------------------------------------------------------------------------------------------
 def _labels_rule(root: Path, params: dict, found: dict) -> Any:
-    from judge3d.judges.runs import IID_LOG, LABELS_LOG
+    from judge3d.pipeline.judging import IID_LOG, LABELS_LOG
     from judge3d.report.judge_metrics import labels_metrics_from_logs
 
     return labels_metrics_from_logs(root / LABELS_DIR / LABELS_LOG, root / LABELS_DIR / IID_LOG, params,
@@ -166,7 +166,7 @@ def _calibration_rule(root: Path, params: dict, found: dict) -> Any:
 
 
 def _flip_gap_plot_rule(root: Path, params: dict) -> str:
-    from judge3d.judges.runs import write_plot_csv
+    from judge3d.pipeline.judging import write_plot_csv
     from judge3d.report.judge_metrics import flip_vs_gap_csv_rows
 
     found = read_json(root / "metrics" / "calibration.json")

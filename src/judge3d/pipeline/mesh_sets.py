@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from judge3d.config import ParamsError, require
+from judge3d.core.config import ParamsError, require
 from judge3d.generators.base import Generator
-from judge3d.generators.pretrain import load_image
-from judge3d.io import JsonlAppender, read_jsonl, write_jsonl
-from judge3d.seeding import derive_seed
+from judge3d.world.dataset import load_image
+from judge3d.core.io import JsonlAppender, read_jsonl, write_jsonl
+from judge3d.core.seeding import derive_seed
 
 REGIMES = ("clean", "mild", "medium", "severe")
 
@@ -138,11 +138,11 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
     ``cond_transform`` maps conditioning tokens before sampling (the repair arms); the generator
     only ever sees the input image, never the ground truth. Oracle metrics are computed after
     decoding, from the ground-truth files. Saving and scoring run in ``workers`` processes
-    (:mod:`judge3d.parallel`; default ``$JUDGE3D_WORKERS`` or the CPU count), decoding too where
+    (:mod:`judge3d.core.parallel`; default ``$JUDGE3D_WORKERS`` or the CPU count), decoding too where
     the generator allows (:meth:`Generator.decode_jobs`), while this process samples the next
     batch; rows are identical for any worker count.
     """
-    from judge3d.parallel import ordered_map
+    from judge3d.core.parallel import ordered_map
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

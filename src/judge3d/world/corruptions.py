@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from judge3d.seeding import derive_seed, rng
+from judge3d.core.seeding import derive_seed, rng
 
 PAIR_KINDS = ("clear", "mild", "near")
 

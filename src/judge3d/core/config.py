@@ -80,10 +80,10 @@ def _matches(dotted: str, pattern: str) -> bool:
 
 def check_known_keys(params: Mapping[str, Any], source: str = PARAMS_FILE) -> None:
     """Raise ParamsError on a key path that no stage reads (a typo is otherwise ignored and the
-    default silently used), naming the nearest known key. The known paths: judge3d.params_keys."""
+    default silently used), naming the nearest known key. The known paths: judge3d.core.params_keys."""
     import difflib
 
-    from judge3d.params_keys import KNOWN_KEYS
+    from judge3d.core.params_keys import KNOWN_KEYS
 
     unknown = [k for k in _key_paths(params) if not any(_matches(k, p) for p in KNOWN_KEYS)]
     if not unknown:
@@ -97,7 +97,7 @@ def check_known_keys(params: Mapping[str, Any], source: str = PARAMS_FILE) -> No
         near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         lines.append(f"'{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
     raise ParamsError(f"{source}: unknown key(s) {', '.join(lines)}. No stage reads them, so the value would be "
-                      "ignored; fix the spelling, or, for a new parameter, add it to src/judge3d/params_keys.py.")
+                      "ignored; fix the spelling, or, for a new parameter, add it to src/judge3d/core/params_keys.py.")
 
 
 def require(params: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...] | None = None,

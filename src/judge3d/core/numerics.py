@@ -57,7 +57,7 @@ def pin_cpu_numerics() -> dict[str, str]:
     if stale and "torch" in sys.modules:
         raise NumericsError(
             f"torch was imported before the CPU numerics were pinned (differing: {sorted(stale)}). "
-            "Call judge3d.numerics.pin_cpu_numerics() before importing torch (stages do it in "
+            "Call judge3d.core.numerics.pin_cpu_numerics() before importing torch (stages do it in "
             f"stages/_stage_env.py), or set {NATIVE_SWITCH}=1 to run unpinned.")
     os.environ.update(PINNED_CPU_ENV)
     return dict(PINNED_CPU_ENV)

@@ -12,8 +12,8 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from judge3d.config import require
-from judge3d.io import read_jsonl, write_json, write_jsonl
+from judge3d.core.config import require
+from judge3d.core.io import read_jsonl, write_json, write_jsonl
 from judge3d.judges.pairing import (FLAGGED_LOG, base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs,
                                     kept_pairs, partition_flagged, train_label_pairs)
 from judge3d.judges.protocol import Backend, pair_verdicts, run_pairs
