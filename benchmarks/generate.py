@@ -39,7 +39,7 @@ def time_sampling(gen, cond, budget, batch, repeats=1):
     t0 = time.perf_counter()
     for _ in range(repeats):
         for i in range(0, n, batch):
-            gen.sample(cond[i:i + batch], seed=list(range(i, min(n, i + batch))), **budget.sampler_kwargs())
+            gen.sample(cond[i:i + batch], budget.stages, seed=list(range(i, min(n, i + batch))))
     sync(gen.device)
     return n * repeats / (time.perf_counter() - t0)
 
@@ -78,10 +78,11 @@ def main():
             reps = 1 if device.type == "cpu" else 3
             base = time_sampling(gen, cond[:8], b, 1, reps)
             batched = time_sampling(gen, cond, b, batch, reps)
-            print(f"{bname:5s} ({b.steps:2d} steps, cfg {b.cfg_strength}): batch 1 {base:8.1f} samples/s | "
+            flow = b.stages["flow"]
+            print(f"{bname:5s} ({flow.steps:2d} steps, cfg {flow.cfg_strength}): batch 1 {base:8.1f} samples/s | "
                   f"batch {batch} {batched:8.1f} samples/s | ratio {batched / base:5.2f}x")
         t_mc = time.perf_counter()
-        lat = gen.sample(cond[:8], seed=list(range(8)), **budgets["default"].sampler_kwargs())
+        lat = gen.sample(cond[:8], budgets["default"].stages, seed=list(range(8)))
         try:
             meshes = gen.decode(lat)
             print(f"default 12 steps + decode of 8: {8 / (time.perf_counter() - t_mc):.1f} samples/s "

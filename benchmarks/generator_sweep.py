@@ -11,6 +11,7 @@ import copy, json, sys, time
 import numpy as np, torch, torch.nn.functional as F
 import yaml
 from judge3d.generators.pretrain import TrainSettings, build_generator, fit, load_training_set
+from judge3d.generators.stages import StageSampler
 
 _, train_img, train_vox = load_training_set("data/world/manifest.jsonl", 32, "train")
 _, held_img, held_vox = load_training_set("data/world/manifest.jsonl", 32, "heldout")
@@ -60,15 +61,16 @@ def run(name, overrides, steps):
     gt = torch.as_tensor(d["held_vox"] > 0.5, device=dev)
     out = {"name": name, "train_s": round(tt, 1), "loss": round(float(np.mean(losses[-50:])), 4)}
     seeds = list(range(1000, 1000 + len(gt)))
+    flow = p["sampler"]["stages"]["flow"]
+    shared = {"cfg_interval": tuple(flow["cfg_interval"]), "rescale_t": flow["rescale_t"]}
     per = {}
     for budget, (st, cfg) in {"high": (25, 3.0), "high7": (25, 7.5), "high0": (25, 0.0), "default": (12, 3.0), "low": (2, 0.0), "low1": (1, 0.0)}.items():
-        lat = gen.sample(cond, st, cfg, cfg_interval=p["sampler"]["cfg_interval"], rescale_t=p["sampler"]["rescale_t"],
-                         seed=seeds)
+        lat = gen.sample(cond, StageSampler(st, cfg, **shared), seed=seeds)["flow"]
         occ = lat[:, 0] > 0
         per[budget] = (iou(occ, gt).cpu().numpy(), bfscore(occ, gt).cpu().numpy())
         out[budget] = [round(float(per[budget][0].mean()), 3), round(float(per[budget][1].mean()), 3)]
     # unconditional-ish check: does the sample depend on the image? shuffled cond
-    lat = gen.sample(cond.roll(1, 0), 25, 3.0, cfg_interval=p["sampler"]["cfg_interval"], rescale_t=p["sampler"]["rescale_t"], seed=seeds)
+    lat = gen.sample(cond.roll(1, 0), StageSampler(25, 3.0, **shared), seed=seeds)["flow"]
     out["shuf_bf"] = round(float(bfscore(lat[:, 0] > 0, gt).mean()), 3)
     dh = per["high"][1] - per["low"][1]
     out["gap_bf"] = round(float(dh.mean()), 3)

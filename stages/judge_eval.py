@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from judge3d.adapt import apply_arm
-    from judge3d.pipeline.arm_eval import arm_regime, evaluate_arm
+    from judge3d.adapt.arms import arm_spec, check_dvc_params
+    from judge3d.pipeline.arm_eval import evaluate_arm
     from judge3d.core.config import load_params, require
     from judge3d.generators import load_generator
     from judge3d.judges.protocol import summarize
@@ -35,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     from judge3d.core.seeding import seed_everything
 
     params = load_params()
-    require(params, f"arms.{args.arm}", dict, hint="judge-eval runs one arm of the arms block")
+    spec = arm_spec(params, args.arm)
+    check_dvc_params(spec, stage="judge-eval", keys=spec.regime_keys)
     seed_everything(require(params, "seed", int))
     torch.set_num_threads(require(params, "generate.threads", int, check=lambda v: v > 0))
     generator = load_generator(args.base_model, device=args.device)
     cond_transform = apply_arm(generator, f"{args.arms_dir}/{args.arm}")
-    regime = arm_regime(params, args.arm)
+    regime = spec.regime
     rows = evaluate_arm(args.arm, generator=generator, cond_transform=cond_transform,
                         judge=load_judge(params, "eval"), params=params,
                         base_montage_manifest=f"{args.montages_dir}/heldout_{regime}/manifest.jsonl",

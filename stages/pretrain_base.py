@@ -17,19 +17,11 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params()
 
-    from dvclive import Live
+    from judge3d.core.training import open_live
 
-    # dvcyaml=False: the plots are declared in dvc.yaml by hand, dvclive must not rewrite it.
-    # resume=True keeps the curve's earlier steps when they are still there (a run outside DVC);
-    # under `dvc repro` DVC has deleted them, and a resumed run's curve starts at its checkpoint.
-    with Live(dir=args.live_dir, save_dvc_exp=False, dvcyaml=False, report=None, resume=True) as live:
-        def log_step(step: int, values: dict[str, float]) -> None:
-            live.step = step  # the training step itself, also after a resume
-            for name, value in values.items():
-                live.log_metric(f"train/{name}", value)
-            live.next_step()
-
-        summary = pretrain(params, args.manifest, args.out, log_step=log_step)
+    # The training loop logs step s at dvclive step s (judge3d.core.training), also after a resume.
+    with open_live(args.live_dir) as live:
+        summary = pretrain(params, args.manifest, args.out, live=live)
         live.summary.update({"final_loss": summary["final_loss_mean_last50"],
                              "wall_s": round(summary["wall_s"], 1),
                              "params_flow": summary["parameters"]["flow"],

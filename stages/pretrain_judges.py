@@ -16,10 +16,9 @@ def main() -> None:
     ap.add_argument("--live-dir", default=None, help="dvclive folder (default dvclive/pretrain_judges/<role>)")
     args = ap.parse_args()
 
-    from dvclive import Live
-
     from judge3d.core.config import load_params, require
     from judge3d.core.io import read_jsonl, write_json
+    from judge3d.core.training import open_live
     from judge3d.judges.tiny import TinySizes
     from judge3d.judges.train import TrainConfig, train_judge
 
@@ -39,14 +38,9 @@ def main() -> None:
                          "rebuild the judge candidate set.")
 
     live_dir = args.live_dir or f"dvclive/pretrain_judges/{args.role}"
-    # resume=True keeps earlier steps where they survive (outside DVC); the step is set explicitly.
-    with Live(dir=live_dir, save_dvc_exp=False, dvcyaml=False, report=None, resume=True) as live:
-        def log_step(step: int, values: dict[str, float]) -> None:
-            live.step = step
-            for name, value in values.items():
-                live.log_metric(f"train/{name}", value)
-
-        summary = train_judge(arch, sizes, rows, args.out, prompt, cfg, name=args.role, log_step=log_step)
+    # The training loop logs step s at dvclive step s (judge3d.core.training), also after a resume.
+    with open_live(live_dir) as live:
+        summary = train_judge(arch, sizes, rows, args.out, prompt, cfg, name=args.role, live=live)
         live.summary.update({"clear_strict": summary["heldout"]["clear"]["strict"],
                              "wall_s": summary["wall_s"], "n_params": summary["n_params"]})
     write_json(args.metrics or f"metrics/pretrain_judges/{args.role}.json", summary)

@@ -14,7 +14,7 @@ TIMING_KEYS = ("wall_s", "load_s", "train_s", "resumed_from_step")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--arm", help="an arm name under `arms` in params.yaml")
+    ap.add_argument("--arm", required=True, help="an arm name under `arms` in params.yaml")
     ap.add_argument("--base", default="models/base", help="base generator folder (pretrain-base)")
     ap.add_argument("--world", default="data/world/manifest.jsonl", help="world manifest (data)")
     ap.add_argument("--pairs", default="data/labels/train_pairs.jsonl", help="judged pairs (judge-train-labels)")
@@ -26,42 +26,31 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--print-params", action="store_true",
                     help="print the params keys this arm reads (its dvc.yaml `params:` list) and exit")
-    ap.add_argument("--print-dvc-stage", action="store_true",
-                    help="print the train-adapter stage for dvc.yaml (every arm's params and deps) and exit")
     args = ap.parse_args()
 
-    from judge3d.adapt.train import ArmPaths, arm_spec, check_dvc_params, dvc_stanza, run_arm
+    from judge3d.adapt.arms import ArmInputs, arm_paths, arm_spec, check_dvc_params
+    from judge3d.adapt.train import run_arm
     from judge3d.core.config import load_params
     from judge3d.core.io import write_json
 
     params = load_params()
-    paths = ArmPaths(base=args.base, world=args.world, pairs=args.pairs, generated=args.generated,
-                     degraded_dir=args.degraded_dir)
-    if args.print_dvc_stage:
-        print(dvc_stanza(params, paths), end="")
-        return
-    if not args.arm:
-        ap.error("--arm is required")
+    paths = ArmInputs(base=args.base, world=args.world, pairs=args.pairs, generated=args.generated,
+                      degraded_dir=args.degraded_dir)
     spec = arm_spec(params, args.arm)
     if args.print_params:
         print("\n".join(f"- {k}" for k in spec.param_keys))
         return
     check_dvc_params(spec)
-    out = Path(args.out or f"models/arms/{args.arm}")
-    metrics_path = Path(args.metrics or f"data/arms/{args.arm}/train_metrics.json")
-    live_dir = args.live_dir or f"dvclive/train_adapter/{args.arm}"
+    files = arm_paths(args.arm, spec.regime)
+    out = Path(args.out or files.model_dir)
+    metrics_path = Path(args.metrics or files.train_metrics)
+    live_dir = str(args.live_dir or files.live_dir)
 
-    from dvclive import Live
+    from judge3d.core.training import open_live
 
-    # dvcyaml=False: plots are declared in dvc.yaml by hand; dvclive must not rewrite it.
-    with Live(dir=live_dir, save_dvc_exp=False, dvcyaml=False, report=None, resume=True) as live:
-        def log_step(step: int, values: dict[str, float]) -> None:
-            live.step = step  # the training step itself (a resumed run replays its earlier steps)
-            for name, value in values.items():
-                live.log_metric(f"train/{name}", value)
-            live.next_step()
-
-        metrics = run_arm(params, args.arm, out, paths, log_step=log_step, device=args.device)
+    # The training loop logs step s at dvclive step s (judge3d.core.training), also after a resume.
+    with open_live(live_dir) as live:
+        metrics = run_arm(params, args.arm, out, paths, live=live, device=args.device)
         # Wall times go to the dvclive summary and the log, not to train_metrics.json, which
         # arm-metrics reads: a forced rerun must leave everything downstream up to date.
         timing = {k: metrics.pop(k) for k in TIMING_KEYS if k in metrics}

@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from judge3d.adapt.arms import arm_names, arm_specs
 from judge3d.core.io import write_json, write_jsonl
 from judge3d.judges.protocol import Pair, run_pairs
 from judge3d.report.judge_metrics import calibration_metrics_from_dir, labels_metrics_from_logs
@@ -46,8 +47,9 @@ def _png(path: Path, value: float) -> None:
     Image.fromarray(rgb).save(path)
 
 
-def _params(tmp: Path, n_boot: int) -> dict:
+def _params(tmp: Path, n_boot: int, extra_arms: dict | None) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["arms"].update(extra_arms or {})
     params["report"]["n_boot"] = n_boot
     params["report"]["gallery_size"] = 3
     params["calibrate"]["bootstrap"]["n"] = n_boot
@@ -65,14 +67,15 @@ def _mesh_row(oid: str, regime: str, who: str, score: float, montage: str, image
 
 
 def build_repo(tmp: Path, *, arm_gain: dict[str, float] | None = None, diverged: tuple[str, ...] = (),
-               calibration_ok: bool = True, n_boot: int = 200) -> dict:
+               calibration_ok: bool = True, n_boot: int = 200, extra_arms: dict | None = None) -> dict:
     """Write the crafted repo under ``tmp``; return its params. ``arm_gain[arm]`` is added to the
-    arm meshes' quality over the base's (judge and oracle see the same quality)."""
+    arm meshes' quality over the base's (judge and oracle see the same quality); ``extra_arms`` are
+    added to params' arms block."""
     tmp.mkdir(parents=True, exist_ok=True)
-    params = _params(tmp, n_boot)
+    params = _params(tmp, n_boot, extra_arms)
     arm_gain = arm_gain or {}
     quality: dict[str, float] = {}
-    regimes = sorted({spec["regime"] for spec in params["report"]["arms"].values()} | {"clean"})
+    regimes = sorted({spec.regime for spec in arm_specs(params)} | {"clean"})
     base_q: dict[tuple[str, str], float] = {}
     for regime in regimes:
         rows = []
@@ -90,8 +93,8 @@ def build_repo(tmp: Path, *, arm_gain: dict[str, float] | None = None, diverged:
         write_jsonl(tmp / f"data/montages/heldout_{regime}/manifest.jsonl", rows)
 
     eval_judge = ScriptedBackend("eval-judge@test", quality)
-    for arm, spec in params["report"]["arms"].items():
-        regime = spec["regime"]
+    for spec in arm_specs(params):
+        arm, regime = spec.arm, spec.regime
         gain = arm_gain.get(arm, 0.0)
         rows, pairs = [], []
         for i in range(N_OBJECTS):
@@ -110,8 +113,8 @@ def build_repo(tmp: Path, *, arm_gain: dict[str, float] | None = None, diverged:
         backend = ScriptedBackend("eval-judge@test", quality, bias=0.3)
         _run(tmp, backend, pairs, f"data/evals/{arm}/verdicts.jsonl")
         train = {"arm": arm, "diverged": arm in diverged, "severity": None if regime == "clean" else regime,
-                 "settings": {"beta": 0.5 if arm == "dpo_strong" else 0.1} if arm.startswith("dpo") else {}}
-        if spec["family"] == "repair":
+                 "settings": {"beta": spec.settings["beta"]} if "beta" in spec.settings else {}}
+        if spec.family == "repair":
             train.update({"feat_mse_before": 0.3, "feat_mse_after": 0.2})
         else:
             train.update({"fm_mse_before": 0.09, "fm_mse_after": 4.9 if arm in diverged else 0.08,
@@ -178,7 +181,7 @@ def run_stages(tmp: Path, params: dict) -> None:
     from judge3d.report.arm_metrics import arm_metrics_from_files
     from judge3d.report.build import write_report
 
-    for arm in params["report"]["arms"]:
+    for arm in arm_names(params):
         write_json(tmp / f"metrics/arms/{arm}.json", arm_metrics_from_files(tmp, arm, params))
     write_report(tmp, params)
 

@@ -17,10 +17,12 @@ from judge3d.adapt.data import TargetSet, split_probe_objects
 from judge3d.adapt.losses import dpo_loss, log1mexp, orpo_loss, sft_loss
 from judge3d.adapt.probes import fm_mse, is_diverged, make_probe_set
 from judge3d.adapt.repair import ConditionRepair
-from judge3d.adapt.train import (ArmPaths, arm_spec, check_dvc_params, run_arm, train_lora_arm,
-                                 train_repair_arm)
+from judge3d.adapt.arms import ArmInputs, arm_spec, check_dvc_params
+from judge3d.adapt.train import run_arm, train_lora_arm, train_repair_arm
 from judge3d.core.config import ParamsError
 from judge3d.generators.mini import ConditionerConfig, FlowConfig, MiniConfig, MiniGenerator
+from judge3d.generators.stages import StageSampler
+from safetensors.numpy import save_file
 
 R = 8
 TARGETS = ["input_layer", "to_qkv", "to_q", "to_kv", "to_out", "fc1", "fc2", "out_layer"]
@@ -46,10 +48,11 @@ def flow_inputs(b: int = 3, seed: int = 1):
 
 def method_params(**over) -> dict:
     method = {"beta": 0.1, "reduction": "mean",
-              "train": {"lr": 1e-2, "steps": 6, "batch": 4, "grad_clip": 1.0, "p_uncond": 0.1},
-              "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": TARGETS},
+              "train": {"lr": 1e-2, "steps": 6, "batch": 4, "grad_clip": 1.0, "p_uncond": 0.1,
+                        "checkpoint_every": 10},
+              "lora": {"stage": "flow", "rank": 4, "alpha": 8, "dropout": 0.0, "targets": TARGETS},
               "orpo": {"lambda": 0.1, "c": 1.0}, "probe": {"n_objects": 3, "threshold": 3.0},
-              "repair": {"hidden": 32, "lr": 1e-2, "steps": 40, "batch": 4}}
+              "repair": {"hidden": 32, "lr": 1e-2, "steps": 40, "batch": 4, "checkpoint_every": 100}}
     method["train"].update(over)
     return {"seed": 0, "method": method,
             "arms": {"sft_best": {"kind": "sft_best"}, "dpo": {"kind": "dpo"},
@@ -132,22 +135,22 @@ def test_lora_at_init_is_bit_identical_and_disable_gives_base(tmp_path):
     gen = tiny_generator()
     x, t, c = flow_inputs()
     with torch.no_grad():
-        base_out = gen.flow_model(x, t, c)
-    gen.flow_model = lora.add_lora(gen.flow_model, 4, 8, 0.0, TARGETS)
+        base_out = gen.stage("flow").flow_model(x, t, c)
+    gen.stage("flow").flow_model = lora.add_lora(gen.stage("flow").flow_model, 4, 8, 0.0, TARGETS)
     with torch.no_grad():
-        assert torch.equal(gen.flow_model(x, t, c), base_out)
-        for name, p in gen.flow_model.named_parameters():   # move the adapter off zero
+        assert torch.equal(gen.stage("flow").flow_model(x, t, c), base_out)
+        for name, p in gen.stage("flow").flow_model.named_parameters():   # move the adapter off zero
             if "lora_B" in name:
                 p.add_(0.05 * torch.randn_like(p))
-        adapted = gen.flow_model(x, t, c)
-        with lora.reference(gen.flow_model):
-            assert torch.equal(gen.flow_model(x, t, c), base_out)
+        adapted = gen.stage("flow").flow_model(x, t, c)
+        with lora.reference(gen.stage("flow").flow_model):
+            assert torch.equal(gen.stage("flow").flow_model(x, t, c), base_out)
     assert not torch.allclose(adapted, base_out)
-    assert all(not p.requires_grad for n, p in gen.flow_model.named_parameters() if "lora_" not in n)
+    assert all(not p.requires_grad for n, p in gen.stage("flow").flow_model.named_parameters() if "lora_" not in n)
 
-    lora.save_adapter(gen.flow_model, tmp_path / "arm")
+    lora.save_adapter(gen.stage("flow").flow_model, tmp_path / "arm")
     fresh = tiny_generator()
-    reloaded = lora.load_adapter(fresh.flow_model, tmp_path / "arm")
+    reloaded = lora.load_adapter(fresh.stage("flow").flow_model, tmp_path / "arm")
     with torch.no_grad():
         assert torch.equal(reloaded(x, t, c), adapted)
     # Saved bytes do not depend on the process's hash order (peft keeps target_modules as a set).
@@ -160,7 +163,7 @@ def test_lora_at_init_is_bit_identical_and_disable_gives_base(tmp_path):
 
 def test_lora_bad_target_names_the_layers():
     with pytest.raises(ValueError, match="match no nn.Linear"):
-        lora.add_lora(tiny_generator().flow_model, 4, 8, 0.0, ["q_proj"])
+        lora.add_lora(tiny_generator().stage("flow").flow_model, 4, 8, 0.0, ["q_proj"])
 
 
 def test_repair_is_identity_at_init_and_reloads(tmp_path):
@@ -184,20 +187,20 @@ def toy_pairs(n: int = 8, seed: int = 3) -> TargetSet:
 
 def test_dpo_gradient_prefers_winner():
     gen = tiny_generator()
-    gen.flow_model = lora.add_lora(gen.flow_model, 4, 8, 0.0, TARGETS)
+    gen.stage("flow").flow_model = lora.add_lora(gen.stage("flow").flow_model, 4, 8, 0.0, TARGETS)
     data = toy_pairs()
     g = torch.Generator().manual_seed(0)
     t = torch.rand(len(data), generator=g)
     noise = torch.randn(data.x_w.shape, generator=g)
 
     def errors():
-        e = gen.flow_errors(torch.cat([data.x_w, data.x_l]), torch.cat([data.cond, data.cond]),
+        e = gen.stage("flow").flow_errors(torch.cat([data.x_w, data.x_l]), torch.cat([data.cond, data.cond]),
                             t=torch.cat([t, t]), noise=torch.cat([noise, noise]))
         return e.chunk(2)
 
-    with torch.no_grad(), lora.reference(gen.flow_model):
+    with torch.no_grad(), lora.reference(gen.stage("flow").flow_model):
         ref_w, ref_l = errors()
-    opt = torch.optim.SGD(lora.trainable_parameters(gen.flow_model), lr=0.5)
+    opt = torch.optim.SGD(lora.trainable_parameters(gen.stage("flow").flow_model), lr=0.5)
     for _ in range(5):
         e_w, e_l = errors()
         loss = dpo_loss(e_w, e_l, ref_w, ref_l, beta=1.0).loss
@@ -213,18 +216,18 @@ def test_dpo_gradient_prefers_winner():
 
 def test_dpo_with_identical_pair_has_zero_gradient():
     gen = tiny_generator()
-    gen.flow_model = lora.add_lora(gen.flow_model, 4, 8, 0.0, TARGETS)
+    gen.stage("flow").flow_model = lora.add_lora(gen.stage("flow").flow_model, 4, 8, 0.0, TARGETS)
     with torch.no_grad():
-        for name, p in gen.flow_model.named_parameters():
+        for name, p in gen.stage("flow").flow_model.named_parameters():
             if "lora_B" in name:
                 p.add_(0.05 * torch.randn_like(p))     # policy != reference
     data = toy_pairs(4)
     t, noise = torch.full((4,), 0.4), torch.randn(data.x_w.shape)
     x = torch.cat([data.x_w, data.x_w])                # winner == loser: no preference to learn
-    e_w, e_l = gen.flow_errors(x, torch.cat([data.cond] * 2), t=torch.cat([t, t]), noise=torch.cat([noise] * 2)).chunk(2)
-    with torch.no_grad(), lora.reference(gen.flow_model):
-        r_w, r_l = gen.flow_errors(x, torch.cat([data.cond] * 2), t=torch.cat([t, t]), noise=torch.cat([noise] * 2)).chunk(2)
-    params = lora.trainable_parameters(gen.flow_model)
+    e_w, e_l = gen.stage("flow").flow_errors(x, torch.cat([data.cond] * 2), t=torch.cat([t, t]), noise=torch.cat([noise] * 2)).chunk(2)
+    with torch.no_grad(), lora.reference(gen.stage("flow").flow_model):
+        r_w, r_l = gen.stage("flow").flow_errors(x, torch.cat([data.cond] * 2), t=torch.cat([t, t]), noise=torch.cat([noise] * 2)).chunk(2)
+    params = lora.trainable_parameters(gen.stage("flow").flow_model)
     dpo_grad = torch.autograd.grad(dpo_loss(e_w, e_l, r_w, r_l, beta=0.5).loss, params, retain_graph=True)
     # Scale: the gradient one side alone would get (beta/4 * mean e_w), exactly what DPO cancels.
     one_side = torch.autograd.grad(0.5 / 4 * e_w.mean(), params)
@@ -237,8 +240,8 @@ def test_dpo_with_identical_pair_has_zero_gradient():
 def test_probe_is_fixed_and_divergence_rule():
     gen = tiny_generator()
     data = toy_pairs(6)
-    probe = make_probe_set(data.x_w, data.cond, seed=5)
-    assert fm_mse(gen, probe) == fm_mse(gen, make_probe_set(data.x_w, data.cond, seed=5))
+    probe = make_probe_set(gen.stage("flow"), data.x_w, data.cond, seed=5)
+    assert fm_mse(gen, probe) == fm_mse(gen, make_probe_set(gen.stage("flow"), data.x_w, data.cond, seed=5))
     assert is_diverged(0.09, 4.9, 3.0) and not is_diverged(0.092, 0.080, 3.0)
     assert is_diverged(0.09, float("nan"), 3.0)
 
@@ -275,11 +278,13 @@ def test_param_keys_follow_overrides(tmp_path):
     assert "method.beta" not in arm_spec(params, "dpo_strong").param_keys
     assert arm_spec(params, "dpo_strong").settings["beta"] == 0.5
     assert "method.beta" not in arm_spec(params, "sft_best").param_keys
-    assert arm_spec(params, "repair_severe").param_keys == ["seed", "arms.repair_severe", "method.repair", "method.probe"]
+    assert arm_spec(params, "dpo_strong").param_keys[-2:] == ["arms.dpo_strong.beta", "method.reduction"]
+    assert arm_spec(params, "repair_severe").param_keys == ["seed", "arms.repair_severe.kind", "arms.repair_severe.severity",
+                                                            "method.repair", "method.probe"]
     partial = copy.deepcopy(params)
     partial["arms"]["orpo"]["lora"] = {"rank": 2}          # a partial override still reads method.lora
     spec = arm_spec(partial, "orpo")
-    assert "method.lora" in spec.param_keys and spec.settings["lora"]["rank"] == 2
+    assert {"method.lora", "arms.orpo.lora"} <= set(spec.param_keys) and spec.settings["lora"]["rank"] == 2
     assert spec.settings["lora"]["alpha"] == 8
     bad = copy.deepcopy(params)
     bad["arms"]["sft_best"]["beta"] = 0.3
@@ -321,10 +326,10 @@ def write_world(tmp_path, n: int = 8):
                     "clean_image_path": str(tmp_path / f"{oid}.png")})
         for budget in ("high", "low"):
             lat = (rng.random((1, R, R, R)) > (0.5 if budget == "high" else 0.9)).astype(np.float32) * 2 - 1
-            np.save(tmp_path / f"{oid}_{budget}.npy", lat)
+            save_file({"flow": lat}, str(tmp_path / f"{oid}_{budget}.latents.safetensors"))
             generated.append({"candidate": f"{oid}-{budget}", "object_id": oid, "regime": "clean", "budget": budget,
-                              "mesh_path": str(tmp_path / f"{oid}_{budget}.ply"),
-                              "latent_path": str(tmp_path / f"{oid}_{budget}.npy")})
+                              "mesh_path": str(tmp_path / f"{oid}_{budget}.ply"), "empty": False,
+                              "latents_path": str(tmp_path / f"{oid}_{budget}.latents.safetensors")})
         pairs.append({"object_id": oid, "winner_candidate": f"{oid}-high", "loser_candidate": f"{oid}-low",
                       "confidence": 0.8})
     world.append({"object_id": "held_000", "split": "heldout", "image_path": str(tmp_path / "chair_000.png")})
@@ -334,7 +339,7 @@ def write_world(tmp_path, n: int = 8):
     for name, rows in (("world.jsonl", world), ("degraded/severe/manifest.jsonl", deg),
                        ("generated.jsonl", generated), ("pairs.jsonl", pairs)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ArmPaths(base=str(tmp_path / "base"), world=str(tmp_path / "world.jsonl"), pairs=str(tmp_path / "pairs.jsonl"),
+    return ArmInputs(base=str(tmp_path / "base"), world=str(tmp_path / "world.jsonl"), pairs=str(tmp_path / "pairs.jsonl"),
                     generated=str(tmp_path / "generated.jsonl"), degraded_dir=str(tmp_path / "degraded"))
 
 
@@ -351,18 +356,17 @@ def test_run_arm_end_to_end_and_apply(tmp_path):
         gen = MiniGenerator.load(paths.base, device="cpu")
         cond_fn = apply_arm(gen, tmp_path / "arms" / arm)
         cond = cond_fn(gen.encode_images(imgs))
-        out = gen.sample(cond, steps=2, seed=0)
+        out = gen.sample(cond, StageSampler(steps=2), seed=0)["flow"]
         assert out.shape == (2, 1, R, R, R) and torch.isfinite(out).all()
         base = MiniGenerator.load(paths.base, device="cpu")
-        assert not torch.equal(out, base.sample(base.encode_images(imgs), steps=2, seed=0))
+        assert not torch.equal(out, base.sample(base.encode_images(imgs), StageSampler(steps=2), seed=0)["flow"])
 
 
 def test_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
     import judge3d.adapt.train as T
 
-    monkeypatch.setattr(T, "CHECKPOINT_EVERY", 2)
     paths = write_world(tmp_path)
-    params = method_params(steps=4)
+    params = method_params(steps=4, checkpoint_every=2)
     run_arm(params, "dpo", tmp_path / "full", paths)
     calls = {"n": 0}
     real = T.lora_step_loss

@@ -1,6 +1,6 @@
 """End to end, run the way the README tells a user to: the real pipeline on the tiny profile through
-`make repro` in a temporary clone, from a shell with no venv active; SIGKILLs of a judging and a
-training stage under `dvc repro` that resume; a push, a reviewer's clone that pulls over HTTP from
+`make repro` in a temporary clone, from a shell with no venv active; SIGKILLs of a judging stage and
+two training stages under `dvc repro` that resume; a push, a reviewer's clone that pulls over HTTP from
 a real server on 127.0.0.1, and `make verify` there. Slow (a few minutes); it runs in `make test`.
 
 The clone gets `.venv` as a link to the venv running these tests (the README's set-up would build
@@ -117,6 +117,12 @@ def _kill_stage_when(clone: Path, stage: str, script: str, ready, timeout: float
     return out
 
 
+def _checkpoint_written(ckpts: Path) -> bool:
+    """A complete checkpoint folder is in place (judge3d.core.training writes ``<fingerprint>.tmp``
+    and renames it; a kill while only the ``.tmp`` exists would leave nothing to resume)."""
+    return any("." not in p.parent.name for p in ckpts.glob("*/state.json"))
+
+
 def _children(proc) -> list:
     try:
         return proc.children(recursive=True)
@@ -194,16 +200,32 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     assert log.read_bytes() == reference_log, "the resumed verdict log differs from the uninterrupted one"
     assert "Data and pipelines are up to date" in _sh("dvc status", first), "metrics changed after the resume"
 
-    # SIGKILL a training stage after its first checkpoint; the rerun resumes and ends byte-identical.
+    # SIGKILL training stages after their first checkpoint (judge3d.core.training, the one loop); each
+    # rerun resumes and ends byte-identical.
     judge_dir = first / "models" / "judges" / "eval"
     reference_judge = _tree_digest(judge_dir)
     ckpts = Path(os.environ["JUDGE3D_RESUME_DIR"]) / "checkpoints" / "models__judges__eval"
-    _kill_stage_when(first, "pretrain-judges@eval", "stages/pretrain_judges.py",
-                     lambda: any(ckpts.glob("*/state.json")))
+    _kill_stage_when(first, "pretrain-judges@eval", "stages/pretrain_judges.py", lambda: _checkpoint_written(ckpts))
     out = _sh("dvc repro -f -s pretrain-judges@eval", first)
-    assert "resuming judge training at step" in out, out[-3000:]
+    assert "resuming training at step" in out, out[-3000:]
     assert _tree_digest(judge_dir) == reference_judge, "the resumed judge differs from the uninterrupted one"
     assert not ckpts.exists(), "the checkpoint was not removed once the judge was saved"
+    assert "Data and pipelines are up to date" in _sh("dvc status", first)
+
+    # An arm: the tiny profile's LoRA arms get no swap-consistent training pairs (saved untrained, no
+    # loop), so the arm killed is a conditioner repair, which trains 100 steps with a checkpoint every 10.
+    arm = "repair_severe"
+    assert json.loads((first / "data" / "arms" / arm / "train_metrics.json").read_text()).get("trained", True)
+    arm_dir = first / "models" / "arms" / arm
+    arm_metrics = first / "data" / "arms" / arm / "train_metrics.json"
+    reference_arm, reference_arm_metrics = _tree_digest(arm_dir), arm_metrics.read_bytes()
+    ckpts = Path(os.environ["JUDGE3D_RESUME_DIR"]) / "checkpoints" / f"models__arms__{arm}"
+    _kill_stage_when(first, f"train-adapter@{arm}", "stages/train_adapter.py", lambda: _checkpoint_written(ckpts))
+    out = _sh(f"dvc repro -f -s train-adapter@{arm}", first)
+    assert "resuming training at step" in out, out[-3000:]
+    assert _tree_digest(arm_dir) == reference_arm, "the resumed arm differs from the uninterrupted one"
+    assert arm_metrics.read_bytes() == reference_arm_metrics, "the resumed arm's train metrics differ"
+    assert not ckpts.exists(), "the checkpoint was not removed once the arm was saved"
     assert "Data and pipelines are up to date" in _sh("dvc status", first)
 
     # Publish: commit the lock, params and git-tracked metrics, push the DVC outputs.

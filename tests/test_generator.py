@@ -8,6 +8,7 @@ import torch
 from judge3d.generators import load_generator
 from judge3d.generators import sampler as rf
 from judge3d.generators.mini import ConditionerConfig, FlowConfig, MiniConfig, MiniGenerator
+from judge3d.generators.stages import StageSampler
 
 R = 8
 
@@ -119,15 +120,16 @@ def test_flow_errors_share_injected_draws_and_reject_bad_shapes():
     cond = gen.encode_images(images(2))
     t = torch.tensor([0.3, 0.8])
     noise = torch.randn(x0.shape)
-    a = gen.flow_errors(x0, cond, t=t, noise=noise)
-    b = gen.flow_errors(x0, cond, t=t, noise=noise)
+    flow = gen.stage("flow")
+    a = flow.flow_errors(x0, cond, t=t, noise=noise)
+    b = flow.flow_errors(x0, cond, t=t, noise=noise)
     assert a.shape == (2,) and torch.equal(a, b)
-    seeded = [gen.flow_errors(x0, cond, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    seeded = [flow.flow_errors(x0, cond, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(seeded[0], seeded[1])
     with pytest.raises(ValueError, match="noise must match"):
-        gen.flow_errors(x0, cond, t=t, noise=torch.randn(2, 3))
+        flow.flow_errors(x0, cond, t=t, noise=torch.randn(2, 3))
     with pytest.raises(ValueError, match="reduction"):
-        gen.flow_errors(x0, cond, t=t, noise=noise, reduction="max")
+        flow.flow_errors(x0, cond, t=t, noise=noise, reduction="max")
 
 
 # --- the mini generator -----------------------------------------------------------------------
@@ -144,29 +146,30 @@ def test_tokens_are_parameter_free_layer_normed_and_negative_is_zero():
 def test_seeds_reproduce_samples_and_batch_composition_does_not_matter():
     gen = tiny_generator()
     cond = gen.encode_images(images(3))
-    kw = dict(steps=3, cfg_strength=2.0, cfg_interval=(0.5, 1.0), rescale_t=3.0)
-    s1 = gen.sample(cond, seed=[11, 22, 33], **kw)
-    s2 = gen.sample(cond, seed=[11, 22, 33], **kw)
+    kw = StageSampler(steps=3, cfg_strength=2.0, cfg_interval=(0.5, 1.0), rescale_t=3.0)
+    assert gen.stage_names == ["flow"]
+    s1 = gen.sample(cond, kw, seed=[11, 22, 33])["flow"]
+    s2 = gen.sample(cond, {"flow": kw}, seed=[11, 22, 33])["flow"]
     assert torch.equal(s1, s2)
     # The same (conditioning, seed) alone or in another batch gets the identical noise and sample.
-    alone = gen.sample(cond[1:2], seed=[22], **kw)
+    alone = gen.sample(cond[1:2], kw, seed=[22])["flow"]
     torch.testing.assert_close(alone[0], s1[1], atol=1e-5, rtol=0)
-    assert torch.equal(gen.initial_noise([22])[0], gen.initial_noise([11, 22])[1])
-    other = gen.sample(cond, seed=[12, 22, 33], **kw)
+    assert torch.equal(gen.stage("flow").noise([22])[0], gen.stage("flow").noise([11, 22])[1])
+    other = gen.sample(cond, kw, seed=[12, 22, 33])["flow"]
     assert not torch.allclose(other[0], s1[0])
 
 
 def test_save_load_roundtrip_gives_identical_outputs(tmp_path):
     gen = tiny_generator()
     cond = gen.encode_images(images(2))
-    out = gen.sample(cond, steps=2, cfg_strength=1.0, seed=[1, 2])
+    out = gen.sample(cond, StageSampler(steps=2, cfg_strength=1.0), seed=[1, 2])["flow"]
     gen.save(tmp_path / "m")
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "model.safetensors").is_file()
     loaded = load_generator(tmp_path / "m", device="cpu")
     assert isinstance(loaded, MiniGenerator)
     cond2 = loaded.encode_images(images(2))
     assert torch.equal(cond, cond2)
-    assert torch.equal(out, loaded.sample(cond2, steps=2, cfg_strength=1.0, seed=[1, 2]))
+    assert torch.equal(out, loaded.sample(cond2, StageSampler(steps=2, cfg_strength=1.0), seed=[1, 2])["flow"])
 
 
 def test_missing_model_dir_gives_clear_error(tmp_path):
@@ -212,10 +215,11 @@ def test_peft_lora_wraps_flow_model_through_the_interface():
     cond = gen.encode_images(images(2))
     x0 = gen.encode_shapes(np.random.default_rng(1).random((2, R, R, R)))
     t, noise = torch.tensor([0.4, 0.6]), torch.randn(x0.shape)
-    before = gen.flow_errors(x0, cond, t=t, noise=noise)
+    flow = gen.stage("flow")
+    before = flow.flow_errors(x0, cond, t=t, noise=noise)
     cfg = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_qkv", "to_q", "to_kv", "to_out", "fc1", "fc2"])
-    gen.flow_model = peft.get_peft_model(gen.flow_model, cfg)
-    assert torch.equal(before, gen.flow_errors(x0, cond, t=t, noise=noise))  # LoRA B starts at zero
+    flow.flow_model = peft.get_peft_model(flow.flow_model, cfg)
+    assert torch.equal(before, flow.flow_errors(x0, cond, t=t, noise=noise))  # LoRA B starts at zero
     with pytest.raises(ValueError, match="LoRA"):
         gen.save("unused")
 
@@ -230,10 +234,10 @@ def test_mesh_set_plan_shares_seeds_across_sets_and_rejects_bad_params(tmp_path)
     write_jsonl(tmp_path / "severe" / "manifest.jsonl",
                 [{"object_id": r["object_id"], "image_path": f"sev{i}.png"} for i, r in enumerate(world)])
     params = {"seed": 0,
-              "sampler": {"cfg_interval": [0.5, 1.0], "rescale_t": 3.0,
-                          "budgets": {"high": {"steps": 25, "cfg_strength": 3.0},
-                                      "default": {"steps": 12, "cfg_strength": 3.0},
-                                      "low": {"steps": 2, "cfg_strength": 0.0}}},
+              "sampler": {"stages": {"flow": {"cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+                          "budgets": {"high": {"flow": {"steps": 25, "cfg_strength": 3.0}},
+                                      "default": {"flow": {"steps": 12, "cfg_strength": 3.0}},
+                                      "low": {"flow": {"steps": 2, "cfg_strength": 0.0, "rescale_t": 1.0}}}},
               "generate": {"sets": {
                   "clean": {"split": "heldout", "regime": "clean",
                             "entries": [{"budget": "default", "n_objects": 3, "n_seeds": 2},
@@ -254,10 +258,18 @@ def test_mesh_set_plan_shares_seeds_across_sets_and_rejects_bad_params(tmp_path)
     assert seed_of[("heldout-0000", 0)] != seed_of[("heldout-0000", 1)]
     assert severe[0].image_path == "sev0.png" and clean[0].image_path == "clean0.png"
     low = [j for j in clean if j.budget.name == "low"][0]
-    assert (low.budget.steps, low.budget.cfg_strength, low.budget.rescale_t) == (2, 0.0, 3.0)
+    # Per-stage settings: the budget's own over the stage's shared ones (low overrides rescale_t).
+    assert low.budget.stages == {"flow": StageSampler(2, 0.0, (0.5, 1.0), 1.0)}
+    assert clean[0].budget.stages["flow"] == StageSampler(12, 3.0, (0.5, 1.0), 3.0)
     with pytest.raises(ParamsError, match="n_objects"):
         plan_set(params, "too_many", world, tmp_path)
     with pytest.raises(ParamsError, match="budget"):
         plan_set(params, "bad_budget", world, tmp_path)
     with pytest.raises(ParamsError, match="generate.sets.nope"):
         plan_set(params, "nope", world, tmp_path)
+    typo = {**params, "sampler": {**params["sampler"], "budgets": {"high": {"flw": {"steps": 3}}}}}
+    with pytest.raises(ParamsError, match="flw"):
+        plan_set(typo, "clean", world, tmp_path)
+    no_steps = {**params, "sampler": {**params["sampler"], "budgets": {"high": {"flow": {"cfg_strength": 1.0}}}}}
+    with pytest.raises(ParamsError, match="sampler.budgets.high.flow.steps"):
+        plan_set(no_steps, "clean", world, tmp_path)

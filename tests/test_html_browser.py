@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from judge3d.adapt.arms import arm_names
 from report_fixture import build_repo, run_stages
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -49,7 +50,7 @@ def test_report_renders_in_chromium_with_sections(report, tmp_path):
     dom = proc.stdout
     for section in ("calibration", "study-table", "severity-table", "plots", "gallery"):
         assert re.search(rf'<section id="{section}"', dom), section
-    for arm in params["report"]["arms"]:
+    for arm in arm_names(params):
         assert f'id="gallery-{arm}"' in dom
     assert dom.count("<svg") == 3 and "<table" in dom
     assert 'class="unreliable"' in dom and "DIVERGED" in dom

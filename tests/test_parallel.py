@@ -84,8 +84,8 @@ def _strip(rows: list[dict], root: Path) -> list[str]:
 def _set_params(split: str, n_objects: int, n_seeds: int) -> dict:
     """Params for one mesh set 's' of the split at a 3-step default budget."""
     return {"seed": 0, "geometry": GEOMETRY,
-            "sampler": {"cfg_interval": [0.5, 1.0], "rescale_t": 3.0,
-                        "budgets": {"default": {"steps": 3, "cfg_strength": 1.0}}},
+            "sampler": {"stages": {"flow": {"cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+                        "budgets": {"default": {"flow": {"steps": 3, "cfg_strength": 1.0}}}},
             "generate": {"sets": {"s": {"split": split, "regime": "clean", "entries": [
                 {"budget": "default", "n_objects": n_objects, "n_seeds": n_seeds}]}}}}
 
@@ -111,26 +111,37 @@ def test_generate_set_rows_do_not_depend_on_worker_count(tmp_path):
         assert occupancy.shape == (8, 8, 8) and occupancy.dtype == np.float16
 
 
-def test_saved_occupancy_is_the_oracle_grid_and_feeds_the_arm_targets(tmp_path):
+def test_saved_latents_are_the_sampler_output_and_the_arm_targets(tmp_path):
     from judge3d.adapt.data import load_target
+    from judge3d.generators.stages import StageSampler
     from judge3d.pipeline.mesh_sets import generate_set, plan_set
+    from judge3d.world.dataset import load_image
     from judge3d.world.geometry import load_mesh
     from judge3d.world.voxel import voxelize
     from test_generator import tiny_generator
 
-    world = _world(tmp_path, "train", 1)
-    params = _set_params("train", n_objects=1, n_seeds=1)
+    world = _world(tmp_path, "train", 2)
+    params = _set_params("train", n_objects=2, n_seeds=1)
     gen = tiny_generator()
-    row, = generate_set(gen, plan_set(params, "s", world), tmp_path / "out", params, batch_size=4, workers=1)
-    saved = np.load(row["occupancy_path"]).astype(np.float32)
-    mesh, _ = load_mesh(row["mesh_path"])
-    # The saved grid is the in-memory mesh's; the PLY holds float32 vertices, so compare loosely there.
-    assert np.abs(saved - voxelize(mesh, 8, 2)).mean() < 0.02
-    from_file, why = load_target(gen, row)
-    assert why is None and torch.equal(from_file, gen.encode_shapes(saved[None])[0])
-    Path(row["occupancy_path"]).unlink()  # without the file, the mesh is voxelized instead
-    fallback, why = load_target(gen, row)
-    assert why is None and torch.equal(fallback, gen.encode_shapes(voxelize(mesh, 8)[None])[0])
+    jobs = plan_set(params, "s", world)
+    rows = generate_set(gen, jobs, tmp_path / "out", params, batch_size=4, workers=1)
+    cond = gen.encode_images([load_image(j.image_path) for j in jobs])
+    sampled = gen.sample(cond, StageSampler(3, 1.0, (0.5, 1.0), 3.0), seed=[j.seed for j in jobs])["flow"]
+    for i, row in enumerate(rows):
+        assert row["sampler"] == {"flow": {"steps": 3, "cfg_strength": 1.0, "cfg_interval": [0.5, 1.0],
+                                           "rescale_t": 3.0}}
+        target, why = load_target(row, "flow")
+        # The arms' target is the continuous sampler output, bit for bit, not the re-voxelized mesh.
+        assert why is None and torch.equal(target[0], sampled[i])
+        mesh, _ = load_mesh(row["mesh_path"])
+        assert not torch.equal(target[0], gen.encode_shapes(voxelize(mesh, 8)[None])[0])
+        saved = np.load(row["occupancy_path"]).astype(np.float32)
+        # The saved grid is the in-memory mesh's; the PLY holds float32 vertices, so compare loosely there.
+        assert np.abs(saved - voxelize(mesh, 8, 2)).mean() < 0.02
+    Path(rows[0]["latents_path"]).unlink()
+    assert load_target(rows[0], "flow") == (None, "missing")
+    with pytest.raises(ValueError, match="not of 'slat'"):
+        load_target(rows[1], "slat")
 
 
 def test_judge_candidates_do_not_depend_on_worker_count(tmp_path):

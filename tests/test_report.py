@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from judge3d.adapt.arms import arm_names
 from judge3d.core import stats
 from judge3d.core.io import read_json, read_jsonl
 from judge3d.report.arm_metrics import arm_metrics, arm_metrics_from_files, load_arm_inputs
@@ -182,7 +183,7 @@ def test_arm_metrics_rejects_inconsistent_inputs(repo):
     with pytest.raises(ValueError, match="not in the arm's manifest"):
         arm_metrics(rows, manifest[1:], base, train, params, "repair_severe")
     from judge3d.core.config import ParamsError
-    with pytest.raises(ParamsError, match="report.arms.nope"):
+    with pytest.raises(ParamsError, match="no arm 'nope' under 'arms'"):
         arm_metrics(rows, manifest, base, train, params, "nope")
 
 
@@ -199,14 +200,14 @@ def test_outputs_are_byte_identical_on_rerun(repo, tmp_path):
 def test_plot_data_files(repo):
     root, params = repo
     win = list(csv.DictReader(io.StringIO((root / "reports/plots/win_rate.csv").read_text())))
-    assert [r["arm"] for r in win] == list(params["report"]["arms"])
+    assert [r["arm"] for r in win] == list(arm_names(params))
     assert {r["parity"] for r in win} == {"0.5"} and {r["target"] for r in win} == {"0.65"}
     sev = list(csv.DictReader(io.StringIO((root / "reports/plots/repair_severity.csv").read_text())))
     assert [r["severity_index"] for r in sev] == ["1", "2", "3"]
     gap = list(csv.DictReader(io.StringIO((root / "reports/plots/arm_flip_vs_gap.csv").read_text())))
     assert all(int(r["n"]) > 0 for r in gap)
     total = sum(int(r["n"]) for r in gap)
-    assert total == 6 * len(params["report"]["arms"])  # every arm-vs-base pair has both oracle scores
+    assert total == 6 * len(arm_names(params))  # every arm-vs-base pair has both oracle scores
 
 
 def test_html_is_self_contained_with_sections_and_gallery(repo):
@@ -214,13 +215,14 @@ def test_html_is_self_contained_with_sections_and_gallery(repo):
     html = (root / "reports/report.html").read_text()
     for section in ("calibration", "study-table", "severity-table", "plots", "gallery"):
         assert f'<section id="{section}"' in html
-    for arm in params["report"]["arms"]:
+    for arm in arm_names(params):
         assert f'<section id="gallery-{arm}"' in html
     assert html.count("<svg") == 3
     assert "<script" not in html and "<link" not in html
-    assert not re.search(r'(src|href)="(?!data:)', html)  # no external or relative asset
+    # no external or relative asset (a "#id" reference stays inside the page: the SVGs' markers and clips)
+    assert not re.search(r'(src|href)="(?!data:|#)', html)
     # 3 gallery rows per arm x (input, base montage, arm montage)
-    assert html.count('src="data:image/png;base64,') == 3 * 3 * len(params["report"]["arms"])
+    assert html.count('src="data:image/png;base64,') == 3 * 3 * len(arm_names(params))
     assert "p_first=" in html and "arm 0." in html and "base 0." in html
 
 

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from judge3d.adapt.train import dvc_stanza
 from judge3d.core.config import load_params
-from judge3d.pipeline.dvcgen import import_closure, missing_code_deps
+from judge3d.pipeline.dvcgen import ARM_STAGES, arm_stage_bodies, import_closure, missing_code_deps, missing_report_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,10 +41,13 @@ def test_a_missing_dep_is_reported_by_stage_and_file(tmp_path):
                                                            "src/judge3d/core/stats.py"]}
 
 
-def test_train_adapter_stanza_is_what_the_generator_writes(monkeypatch):
-    """The train-adapter entries are generated (`python stages/train_adapter.py --print-dvc-stage`);
-    dvc.yaml must hold exactly that, code deps included."""
-    monkeypatch.chdir(REPO)  # the stanza's code deps are the import closure of this checkout
-    generated = yaml.safe_load(dvc_stanza(load_params("params.yaml")))["train-adapter"]
-    committed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train-adapter"]
-    assert committed == generated, "regenerate it: python stages/train_adapter.py --print-dvc-stage"
+def test_arm_stages_are_what_the_generator_writes():
+    """The arm stages (train-adapter, judge-eval, arm-metrics) are generated from the arm registry
+    (`judge3d dvc-deps --write`); dvc.yaml must hold exactly that, code deps included, and the report
+    stage must list what it reads of the arms."""
+    params = load_params(REPO / "params.yaml")
+    generated = arm_stage_bodies(params, repo=REPO)
+    committed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in ARM_STAGES:
+        assert committed[stage] == generated[stage], f"{stage}: regenerate it with `judge3d dvc-deps --write`"
+    assert missing_report_params(REPO / "dvc.yaml", params) == []

@@ -1,11 +1,11 @@
-"""The specialization arms: LoRA on the flow transformer (sft_best, dpo, orpo, sft_clean) and the
-conditioner repair adapter (repair_<severity>), with their losses, probes and training loops.
+"""The specialization arms: LoRA on one flow stage's transformer (sft_best, dpo, orpo, sft_clean) and
+the conditioner repair adapter (repair_<severity>), with their losses, probes and training loops.
 
 For sampling with a trained arm (judge-eval)::
 
     gen = load_generator("models/base")
-    cond_fn = apply_arm(gen, "models/arms/<arm>")     # LoRA arms wrap gen.flow_model in place
-    latents = gen.sample(cond_fn(gen.encode_images(images)), steps=..., ...)
+    cond_fn = apply_arm(gen, "models/arms/<arm>")     # LoRA arms wrap gen.stage(<stage>).flow_model in place
+    outputs = gen.sample(cond_fn(gen.encode_images(images)), budget.stages, seed=...)
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def read_arm(arm_dir: str | Path) -> dict[str, Any]:
 def apply_arm(generator, arm_dir: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """Put a trained arm onto ``generator``; return the conditioning transform to sample with.
 
-    LoRA arms: ``generator.flow_model`` becomes the peft model with the adapter loaded; the
-    transform is the identity. Repair arms: the flow model is untouched and the transform is the
+    LoRA arms: the flow model of the stage the arm adapts (``settings.lora.stage``) becomes the
+    peft model with the adapter loaded; the transform is the identity. Repair arms: the flow model is untouched and the transform is the
     repair adapter (``repaired_cond``).
     """
     info = read_arm(arm_dir)
@@ -41,6 +41,8 @@ def apply_arm(generator, arm_dir: str | Path) -> Callable[[torch.Tensor], torch.
         def repaired_cond(cond: torch.Tensor) -> torch.Tensor:
             return repair(cond)
         return repaired_cond
+    from judge3d.adapt.arms import DEFAULT_LORA_STAGE
     from judge3d.adapt.lora import load_adapter
-    generator.flow_model = load_adapter(generator.flow_model, arm_dir)
+    stage = generator.stage(info["settings"]["lora"].get("stage", DEFAULT_LORA_STAGE))
+    stage.flow_model = load_adapter(stage.flow_model, arm_dir)
     return lambda cond: cond

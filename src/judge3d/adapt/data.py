@@ -8,18 +8,17 @@ Inputs (paths relative to the repo root):
       winner_candidate  str    candidate id of the judge's winner (a row of the generated manifest)
       loser_candidate   str    candidate id of the loser
       confidence        float  the judge's debiased soft preference for the winner (logged only)
-      winner_mesh_path, loser_mesh_path   optional; used when the generated manifest lacks the candidate
 
 * ``data/generated/<set>/manifest.jsonl`` (generate): ``candidate``, ``object_id``, ``regime``,
-  ``budget``, ``mesh_path`` and, if generate saves them, ``latent_path`` (a float32 ``.npy`` of
-  one latent). A saved latent is the exact sample; otherwise the target is the decoded mesh
-  voxelized back onto the generator's grid (the marching-cubes round trip loses a little).
+  ``budget``, ``empty`` and ``latents_path``: the safetensors file of every stage's sampled latents
+  (:func:`judge3d.generators.stages.pack_outputs`). The target is the adapted stage's latent exactly
+  as the sampler produced it, never a latent rebuilt from the decoded mesh.
 * ``data/world/manifest.jsonl`` (data): ``object_id``, ``image_path`` (the clean input image).
 * ``data/degraded/<severity>/manifest.jsonl`` (degrade): ``object_id``, ``image_path``
   (the degraded input), ``clean_image_path``.
 
-A candidate whose mesh is missing, corrupt or NaN drops its pair (counted in ``skipped``); an empty
-mesh is a legitimate sample (all-empty occupancy) and is kept and counted in ``empty_targets``.
+A candidate whose latents file is missing or holds NaN/inf drops its pair (counted in ``skipped``);
+a latent that decoded to an empty mesh is a legitimate sample, kept and counted in ``empty_targets``.
 """
 from __future__ import annotations
 
@@ -35,17 +34,18 @@ from tqdm import tqdm
 from judge3d.world.dataset import load_image
 from judge3d.core.io import read_jsonl
 from judge3d.core.seeding import rng
+from judge3d.generators.stages import Latent, cat_latents, select_latents, unpack_outputs
 
 PAIR_KEYS = ("object_id", "winner_candidate", "loser_candidate")
 
 
 @dataclass
 class TargetSet:
-    """Per-example conditioning and targets; ``x_l`` only for preference data."""
+    """Per-example conditioning and one flow stage's targets; ``x_l`` only for preference data."""
     object_ids: list[str]
     cond: torch.Tensor                      # (N, T, D)
-    x_w: torch.Tensor                       # (N, *latent)  winners / clean targets
-    x_l: torch.Tensor | None = None         # (N, *latent)  losers
+    x_w: Latent                             # N winners / clean targets in the stage's layout
+    x_l: Latent | None = None               # N losers
     skipped: dict[str, int] = field(default_factory=dict)
     empty_targets: int = 0
 
@@ -54,8 +54,9 @@ class TargetSet:
 
     def subset(self, keep: Sequence[int]) -> "TargetSet":
         idx = torch.as_tensor(list(keep), dtype=torch.long)
-        return TargetSet([self.object_ids[i] for i in keep], self.cond[idx], self.x_w[idx],
-                         None if self.x_l is None else self.x_l[idx], dict(self.skipped), self.empty_targets)
+        return TargetSet([self.object_ids[i] for i in keep], self.cond[idx], select_latents(self.x_w, idx),
+                         None if self.x_l is None else select_latents(self.x_l, idx), dict(self.skipped),
+                         self.empty_targets)
 
 
 @dataclass
@@ -137,43 +138,28 @@ def _require_columns(path, rows: list[dict], keys: Sequence[str]) -> None:
 
 
 # -- targets -----------------------------------------------------------------------------------
-def load_target(generator, row: dict[str, Any]) -> tuple[torch.Tensor | None, str | None]:
-    """One candidate's x0 (``*latent``), or (None, reason). Prefers the saved latent, then the
-    occupancy grid the generate stage saved (the decoded mesh voxelized for the oracle's IoU, at
-    ``geometry.iou_supersample``), and only then voxelizes the mesh file itself (supersample 2, as
-    every profile sets ``geometry.iou_supersample``). The saved grid comes from the mesh before it
-    was written as a float32 PLY; the two grids differ only where a sample point lies within float32
-    rounding of the surface (on the mini study's train set they gave identical adapters)."""
-    lat_path = row.get("latent_path")
-    shape = tuple(generator.latent_shape)
-    if lat_path:
-        p = Path(lat_path)
-        if not p.is_file():
-            return None, "missing"
-        lat = np.load(p, allow_pickle=False)
-        if tuple(lat.shape) != shape:
-            raise ValueError(f"latent {p} has shape {lat.shape}, the generator's latent is {shape}")
-        if not np.isfinite(lat).all():
-            return None, "nan"
-        return torch.from_numpy(lat.astype(np.float32)), None
-    from judge3d.world.geometry import load_mesh
-    from judge3d.world.voxel import voxelize
+def load_target(row: dict[str, Any], stage: str) -> tuple[Latent | None, str | None]:
+    """One candidate's sampled latent of flow stage ``stage`` (a batch of one), or (None, reason)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    resolution = shape[-1]
-    occupancy_path = row.get("occupancy_path")
-    if occupancy_path and Path(occupancy_path).is_file():
-        occ = np.load(occupancy_path, allow_pickle=False)
-        if occ.shape == (resolution,) * 3 and np.isfinite(occ).all():
-            return generator.encode_shapes(occ.astype(np.float32)[None])[0].cpu(), None
-    mesh_path = row.get("mesh_path")
-    if not mesh_path:
+    if "latents_path" not in row:
         return None, "missing"
-    mesh, flags = load_mesh(mesh_path)
-    for bad in ("missing", "corrupt", "nan"):
-        if flags.get(bad):
-            return None, bad
-    occ = voxelize(mesh, resolution) if mesh is not None else np.zeros((resolution,) * 3, np.float32)
-    return generator.encode_shapes(occ[None])[0].cpu(), None
+    path = Path(row["latents_path"])
+    if not path.is_file():
+        return None, "missing"
+    try:
+        outputs = unpack_outputs(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable latents file ({exc}); rerun the generate stage") from exc
+    if stage not in outputs:
+        raise ValueError(f"{path} holds the latents of stage(s) {sorted(outputs)}, not of {stage!r} "
+                         f"(method.lora.stage); rerun the generate stage with this generator")
+    latent = outputs[stage]
+    values = latent.feats if hasattr(latent, "feats") else latent
+    if not torch.isfinite(values).all():
+        return None, "nan"
+    return latent, None
 
 
 def candidates_by_id(generated_manifest: str | Path) -> dict[str, dict[str, Any]]:
@@ -187,16 +173,20 @@ def candidates_by_id(generated_manifest: str | Path) -> dict[str, dict[str, Any]
     return out
 
 
-def _is_empty_target(x0: torch.Tensor) -> bool:
-    return bool((x0 <= -1.0 + 1e-6).all())
+def _require_latents(manifest: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    stale = [r["candidate"] for r in rows if "latents_path" not in r]
+    if stale:
+        raise ValueError(f"{manifest}: candidate(s) {stale[:3]} have no latents_path (written by an older "
+                         f"generate stage); rerun generate so the arms train on the sampled latents")
 
 
 def load_pairs(generator, pairs_path: str | Path, generated_manifest: str | Path,
-               world_manifest: str | Path) -> TargetSet:
-    """Judge-labelled (winner, loser) pairs with clean-image conditioning."""
+               world_manifest: str | Path, *, stage: str) -> TargetSet:
+    """Judge-labelled (winner, loser) pairs of flow stage ``stage``'s latents, clean-image conditioning."""
     rows = read_jsonl(pairs_path)
     _require_columns(pairs_path, rows, PAIR_KEYS)
     cands = candidates_by_id(generated_manifest)
+    _require_latents(generated_manifest, cands.values())
     images = world_images(world_manifest)
     rows = sorted(rows, key=lambda r: (r["object_id"], r["winner_candidate"], r["loser_candidate"]))
     skipped: Counter = Counter()
@@ -206,30 +196,29 @@ def load_pairs(generator, pairs_path: str | Path, generated_manifest: str | Path
             raise ValueError(f"{pairs_path}: object {r['object_id']!r} is not in {world_manifest}")
         targets = []
         for side in ("winner", "loser"):
-            cand = cands.get(r[f"{side}_candidate"])
-            if cand is None:
-                cand = {"mesh_path": r.get(f"{side}_mesh_path")}
-            x0, reason = load_target(generator, cand)
+            cand = cands.get(r[f"{side}_candidate"], {})
+            x0, reason = load_target(cand, stage)
             if reason:
                 skipped[f"{side}_{reason}"] += 1
                 break
-            targets.append(x0)
+            targets.append((x0, bool(cand.get("empty"))))
         if len(targets) < 2:
             continue
-        empty += sum(_is_empty_target(x) for x in targets)
+        empty += sum(is_empty for _, is_empty in targets)
         keep_ids.append(r["object_id"])
         img_paths.append(images[r["object_id"]])
-        xw.append(targets[0])
-        xl.append(targets[1])
+        xw.append(targets[0][0])
+        xl.append(targets[1][0])
     if not keep_ids:
         raise NoTrainingData(f"{pairs_path}: no usable pairs ({dict(skipped)} skipped); check the generate stage")
     cond = encode_image_paths(generator, img_paths, desc="encode clean inputs")
-    return TargetSet(keep_ids, cond, torch.stack(xw), torch.stack(xl), dict(skipped), empty)
+    return TargetSet(keep_ids, cond, cat_latents(xw), cat_latents(xl), dict(skipped), empty)
 
 
 def load_clean_targets(generator, degraded_manifest: str | Path, generated_manifest: str | Path,
-                       allowed_ids: set[str], budget: str = "high") -> TargetSet:
-    """``sft_clean``: conditioning from the degraded image, target = the clean input's ``budget`` sample.
+                       allowed_ids: set[str], *, stage: str, budget: str = "high") -> TargetSet:
+    """``sft_clean``: conditioning from the degraded image, target = flow stage ``stage``'s latent of
+    the clean input's ``budget`` sample.
 
     Only objects in ``allowed_ids`` (the train split) are used."""
     deg = {r["object_id"]: r["image_path"] for r in degraded_rows(degraded_manifest)
@@ -240,21 +229,22 @@ def load_clean_targets(generator, degraded_manifest: str | Path, generated_manif
     if not cands:
         raise ValueError(f"{generated_manifest} has no clean '{budget}'-budget samples of objects in "
                          f"{degraded_manifest}; degrade the train split and generate the train set")
+    _require_latents(generated_manifest, cands)
     skipped: Counter = Counter()
     keep_ids, img_paths, xw, empty = [], [], [], 0
     for r in tqdm(cands, desc="clean targets", leave=False):
-        x0, reason = load_target(generator, r)
+        x0, reason = load_target(r, stage)
         if reason:
             skipped[f"target_{reason}"] += 1
             continue
-        empty += _is_empty_target(x0)
+        empty += bool(r.get("empty"))
         keep_ids.append(r["object_id"])
         img_paths.append(deg[r["object_id"]])
         xw.append(x0)
     if not keep_ids:
         raise NoTrainingData(f"{generated_manifest}: no usable clean targets ({dict(skipped)} skipped)")
     cond = encode_image_paths(generator, img_paths, desc="encode degraded inputs")
-    return TargetSet(keep_ids, cond, torch.stack(xw), None, dict(skipped), empty)
+    return TargetSet(keep_ids, cond, cat_latents(xw), None, dict(skipped), empty)
 
 
 def load_feature_pairs(generator, degraded_manifest: str | Path, allowed_ids: set[str]) -> FeaturePairs:

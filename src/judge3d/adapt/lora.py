@@ -1,4 +1,5 @@
-"""LoRA on the flow transformer through peft: wrap, reference via adapter-disable, save and reload.
+"""LoRA on a flow stage's transformer (``generator.stage(name).flow_model``) through peft: wrap,
+reference via adapter-disable, save and reload.
 
 The base weights stay frozen (peft marks only ``lora_*`` trainable). The DPO reference is the base
 reached with ``with model.disable_adapter():`` on the same module, so no second copy is held.

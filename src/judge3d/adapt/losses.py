@@ -1,6 +1,6 @@
 """The arms' objectives as pure functions of per-sample flow-matching errors.
 
-Every function takes errors ``e`` of shape (B,) (from :meth:`Generator.flow_errors`, whose
+Every function takes errors ``e`` of shape (B,) (from :meth:`FlowStage.flow_errors`, whose
 reduction over latent elements -- ``mean`` or ``sum`` -- is an explicit params choice) and returns
 the scalar loss plus the figures worth logging. Nothing here touches a model, so the formulas can
 be checked on hand-computed inputs.

@@ -15,29 +15,36 @@ import torch
 from torch import nn
 
 from judge3d.generators.sampler import sample_logit_normal_t
+from judge3d.generators.stages import FlowStage, Latent, latents_to, select_latents
+from judge3d.generators.stages import batch_size as latent_count
 
 
 @dataclass
 class ProbeSet:
-    x0: torch.Tensor       # (N, *latent)
+    stage: str             # the flow stage probed
+    x0: Latent             # N latents in the stage's layout
     cond: torch.Tensor     # (N, T, D)
     t: torch.Tensor        # (N,)
-    noise: torch.Tensor    # (N, *latent)
+    noise: Latent          # x0's layout
+    noise_seeds: list[int]  # sample i's noise; the same seeds give a loser's noise in its own layout
 
     def __len__(self) -> int:
-        return self.x0.shape[0]
+        return latent_count(self.x0)
 
 
-def make_probe_set(x0: torch.Tensor, cond: torch.Tensor, seed: int, t_mean: float = 0.0,
-                   t_std: float = 1.0) -> ProbeSet:
-    if x0.shape[0] == 0:
+def make_probe_set(stage: FlowStage, x0: Latent, cond: torch.Tensor, seed: int) -> ProbeSet:
+    n = latent_count(x0)
+    if n == 0:
         raise ValueError("the probe set is empty: raise method.probe.n_objects or provide more objects")
-    if x0.shape[0] != cond.shape[0]:
-        raise ValueError(f"probe x0 ({x0.shape[0]}) and cond ({cond.shape[0]}) differ in count")
+    if n != cond.shape[0]:
+        raise ValueError(f"probe x0 ({n}) and cond ({cond.shape[0]}) differ in count")
     gen = torch.Generator().manual_seed(int(seed))
-    t = sample_logit_normal_t(x0.shape[0], t_mean, t_std, generator=gen)
-    noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-    return ProbeSet(x0=x0.detach().cpu(), cond=cond.detach().cpu(), t=t, noise=noise)
+    t = sample_logit_normal_t(n, stage.t_mean, stage.t_std, generator=gen)
+    # Per-sample noise seeds: the noise then follows each latent's own layout (sparse coords too).
+    noise_seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
+    x0 = latents_to(x0, "cpu")
+    return ProbeSet(stage=stage.name, x0=x0, cond=cond.detach().cpu(), t=t, noise=stage.noise_like(x0, noise_seeds),
+                    noise_seeds=noise_seeds)
 
 
 @contextlib.contextmanager
@@ -52,18 +59,20 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def fm_mse(generator, probe: ProbeSet, batch_size: int = 32,
+def fm_mse(generator, probe: ProbeSet, batch: int = 32,
            cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """Mean per-element flow-matching error of ``generator`` on ``probe`` (fixed t and noise)."""
+    """Mean per-element flow-matching error of ``generator``'s probed stage on ``probe`` (fixed t and noise)."""
     total, n = 0.0, len(probe)
-    with eval_mode(generator.flow_model):
-        for i in range(0, n, batch_size):
-            sl = slice(i, i + batch_size)
-            cond = probe.cond[sl].to(generator.device)
+    stage, dev = generator.stage(probe.stage), generator.device
+    with eval_mode(stage.flow_model):
+        for i in range(0, n, batch):
+            sl = slice(i, i + batch)
+            rows = range(i, min(i + batch, n))
+            cond = probe.cond[sl].to(dev)
             if cond_transform is not None:
                 cond = cond_transform(cond)
-            e = generator.flow_errors(probe.x0[sl], cond, t=probe.t[sl].to(generator.device),
-                                      noise=probe.noise[sl].to(generator.device), reduction="mean")
+            e = stage.flow_errors(latents_to(select_latents(probe.x0, rows), dev), cond, t=probe.t[sl].to(dev),
+                                  noise=latents_to(select_latents(probe.noise, rows), dev), reduction="mean")
             total += float(e.double().sum())
     return total / n
 

@@ -12,8 +12,9 @@ DVC-ignored; ``JUDGE3D_RESUME_DIR`` moves it):
   batches it has no file for, and because batches are cut the same way every run, every answer is
   bit-identical to an uninterrupted run's. The files of a run are removed when the run completes,
   so a later ``dvc repro -f`` really recomputes.
-- ``checkpoints/<output folder>/``: a training stage's checkpoint (model, optimizer, RNG state,
-  step, history), written atomically; removed once the model is saved.
+- ``checkpoints/<output folder>/<run fingerprint>/``: a training stage's checkpoint (model, optimizer,
+  scheduler and RNG state, step, history; format and writer: :mod:`judge3d.core.training`), written
+  atomically; removed once the model is saved.
 
 Why not ``persist: true`` outputs: DVC then neither deletes nor restores them from the cache, so a
 persisted output that holds a finished run's state is silently reused by a later run with other

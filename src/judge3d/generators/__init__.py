@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from judge3d.generators.base import Generator, read_config, resolve_device
+from judge3d.generators.stages import FlowStage, SparseLatent, StageSampler
 
-__all__ = ["Generator", "load_generator", "resolve_device"]
+__all__ = ["FlowStage", "Generator", "SparseLatent", "StageSampler", "load_generator", "resolve_device"]
 
 
 def load_generator(path: str | Path, device: str = "auto") -> Generator:

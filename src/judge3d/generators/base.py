@@ -1,33 +1,37 @@
 """The generator interface every stage and arm uses, written for two backends (mini and TRELLIS).
 
-Shape of the contract:
+A generator is a conditioner, one or more flow stages in order (:mod:`judge3d.generators.stages`)
+and a decoder:
 
 * ``encode_images(images) -> cond`` (B, T, D): the frozen conditioner's tokens, layer-normed without
   affine parameters. Arms may transform these tokens (conditioner repair) before sampling.
 * ``negative_cond(cond)``: zeros of the same shape, the unconditional branch.
-* ``flow_model``: the ``nn.Module`` LoRA wraps; ``forward(x_t, t, cond) -> velocity`` with ``t`` in
-  [0, 1] of shape (B,). It may be replaced by a peft wrapper around itself (``gen.flow_model = peft``).
-* ``encode_shapes(voxels) -> x0`` latents; ``decode(latents) -> meshes``.
-* ``flow_errors(x0, cond, ...) -> (B,)`` per-sample flow-matching errors with injectable t / noise.
-* ``sample(cond, steps, cfg_strength, cfg_interval, rescale_t, seed) -> latents``.
-* ``save(dir)`` / ``load(dir)``.
+* ``stages`` / ``stage(name)``: each stage owns its flow model (``stage.flow_model`` is what LoRA
+  wraps), latent layout, noise, per-sample flow errors and sampler. Stage i > 0 is laid out from
+  stage i - 1's output (``stage.layout_for``).
+* ``sample(cond, settings, seed) -> {stage name: latents}``, every stage's output in order, each
+  stage run with its own :class:`StageSampler` settings.
+* ``encode_shapes(voxels) -> x0`` of the first stage; ``decode(outputs) -> meshes``.
+* ``save(dir)`` / ``load(dir)``; a folder is config.json plus the weight files its ``weights`` key
+  lists (default: model.safetensors).
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from judge3d.generators import sampler as rf
 from judge3d.core.io import ModelFileError, check_safetensors, read_model_json
+from judge3d.core.seeding import derive_seed
+from judge3d.generators.stages import FlowStage, Latent, StageSampler
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_KEY = "weights"     # config.json key listing a multi-file model's weight files
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -38,17 +42,36 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _missing(path: Path, what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"generator model {path}: missing {what}. Train it first with the pretrain-base stage "
+        f"(`dvc repro pretrain-base`, or `python stages/pretrain_base.py --out {path}`).")
+
+
+def weight_files(path: str | Path, config: Mapping[str, Any]) -> list[Path]:
+    """The weight files of a model folder: those its config lists under ``weights`` (a multi-file
+    model such as TRELLIS's, one file per network), else the single model.safetensors."""
+    names = config.get(WEIGHTS_KEY, [WEIGHTS_NAME])
+    if (not isinstance(names, list) or not names
+            or not all(isinstance(n, str) and n and Path(n).name == n for n in names)):
+        raise ModelFileError(f"{Path(path) / CONFIG_NAME}: '{WEIGHTS_KEY}' must list file names in the folder, "
+                             f"got {names!r}; {remake_hint(path)}")
+    return [Path(path) / n for n in names]
+
+
 def check_model_dir(path: str | Path) -> Path:
-    """A generator folder must hold config.json and model.safetensors; say how to make it if not."""
+    """A generator folder must hold config.json and every weight file it lists; say how to make it if not."""
     path = Path(path)
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
-    if not path.is_dir() or missing:
-        what = "directory" if not path.is_dir() else " and ".join(missing)
-        raise FileNotFoundError(
-            f"generator model {path}: missing {what}. Train it first with the pretrain-base stage "
-            f"(`dvc repro pretrain-base`, or `python stages/pretrain_base.py --out {path}`).")
+    if not path.is_dir() or not (path / CONFIG_NAME).is_file():
+        raise _missing(path, "directory" if not path.is_dir() else CONFIG_NAME)
+    config = read_model_json(path / CONFIG_NAME, remake_hint(path))
+    files = weight_files(path, config if isinstance(config, dict) else {})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise _missing(path, " and ".join(missing))
     # A damaged file otherwise surfaces as a library error that names neither the file nor the fix.
-    check_safetensors(path / WEIGHTS_NAME, remake_hint(path))
+    for f in files:
+        check_safetensors(f, remake_hint(path))
     return path
 
 
@@ -79,13 +102,23 @@ def seeds_for_batch(seed: int | Sequence[int], batch: int) -> list[int]:
 class Generator(abc.ABC):
     """An image-to-3D rectified-flow generator (see module docstring for the contract)."""
 
-    flow_model: nn.Module
+    stages: list[FlowStage]     # in sampling order
     sigma_min: float
     device: torch.device
     # Training-time t distribution (logit-normal) and conditioning dropout, used by the arms too.
     t_mean: float = 0.0
     t_std: float = 1.0
     cond_drop_prob: float = 0.1
+
+    def stage(self, name: str) -> FlowStage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"{type(self).__name__} has no flow stage {name!r} (stages: {self.stage_names})")
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
 
     # -- conditioning -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -105,54 +138,71 @@ class Generator(abc.ABC):
         return cond * keep.to(device=cond.device, dtype=cond.dtype).view(-1, 1, 1)
 
     # -- latents ------------------------------------------------------------------------------
-    @property
     @abc.abstractmethod
-    def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one latent (without the batch axis)."""
+    def encode_shapes(self, voxels: Any) -> Latent:
+        """Ground-truth shapes -> x0 latents of the first stage."""
+
+    def stage_outputs(self, outputs: Mapping[str, Latent] | Latent) -> dict[str, Latent]:
+        """Every stage's output by name; a one-stage generator also takes its latents alone."""
+        if isinstance(outputs, Mapping):
+            missing = [n for n in self.stage_names if n not in outputs]
+            if missing:
+                raise ValueError(f"stage outputs lack {missing} (have {sorted(outputs)})")
+            return dict(outputs)
+        if len(self.stages) != 1:
+            raise TypeError(f"a {len(self.stages)}-stage generator needs every stage's output by name")
+        return {self.stages[0].name: outputs}
 
     @abc.abstractmethod
-    def encode_shapes(self, voxels: Any) -> torch.Tensor:
-        """Ground-truth shapes -> x0 latents (B, *latent_shape)."""
+    def decode(self, outputs: Mapping[str, Latent] | Latent) -> list:
+        """Stage outputs -> trimesh meshes in the canonical frame; an empty one has ``metadata['empty']``."""
 
-    @abc.abstractmethod
-    def decode(self, latents: torch.Tensor) -> list:
-        """Latents -> trimesh meshes in the canonical frame; an empty one has ``metadata['empty']``."""
-
-    def decode_jobs(self, latents: torch.Tensor) -> list:
-        """Latents -> one picklable job per sample whose ``.mesh()`` is what :meth:`decode` returns,
+    def decode_jobs(self, outputs: Mapping[str, Latent] | Latent) -> list:
+        """Stage outputs -> one picklable job per sample whose ``.mesh()`` is what :meth:`decode` returns,
         so CPU-side decoding can run in worker processes (judge3d.core.parallel). The default decodes
         here and ships the finished meshes; a generator whose decoder is CPU work overrides it."""
-        return [MeshPayload.of(mesh) for mesh in self.decode(latents)]
+        return [MeshPayload.of(mesh) for mesh in self.decode(outputs)]
 
-    # -- flow ---------------------------------------------------------------------------------
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.flow_model(x_t, t, cond)
+    # -- sampling -----------------------------------------------------------------------------
+    def stage_seeds(self, seeds: Sequence[int], index: int) -> list[int]:
+        """The first stage draws from the candidate's seeds as they are; a later stage from seeds
+        derived from them and its name, so its noise is independent of the first stage's."""
+        if index == 0:
+            return list(seeds)
+        return [derive_seed(s, "stage", self.stages[index].name) for s in seeds]
 
-    def flow_errors(self, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor | None = None,
-                    noise: torch.Tensor | None = None, reduction: str = "mean",
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-sample flow-matching errors (B,); see :func:`sampler.flow_matching_errors`."""
-        return rf.flow_matching_errors(self.velocity, x0.to(self.device), cond.to(self.device),
-                                       sigma_min=self.sigma_min, t=t, noise=noise, reduction=reduction,
-                                       generator=generator, t_mean=self.t_mean, t_std=self.t_std)
-
-    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        return rf.noise_from_seeds(seeds, self.latent_shape).to(self.device)
+    def stage_settings(self, settings: Mapping[str, StageSampler] | StageSampler) -> dict[str, StageSampler]:
+        if isinstance(settings, StageSampler):
+            if len(self.stages) != 1:
+                raise TypeError(f"a {len(self.stages)}-stage generator needs sampler settings per stage "
+                                f"{self.stage_names}")
+            return {self.stages[0].name: settings}
+        missing = [n for n in self.stage_names if n not in settings]
+        if missing:
+            raise ValueError(f"no sampler settings for stage(s) {missing} (got {sorted(settings)})")
+        return dict(settings)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int, cfg_strength: float = 0.0,
-               cfg_interval: Sequence[float] = (0.0, 1.0), rescale_t: float = 1.0,
-               seed: int | Sequence[int] = 0) -> torch.Tensor:
-        """Euler-sample latents for each conditioning; each sample's noise comes from its own seed."""
+    def sample(self, cond: torch.Tensor, settings: Mapping[str, StageSampler] | StageSampler,
+               seed: int | Sequence[int] = 0) -> dict[str, Latent]:
+        """Run every stage in order, each with its own settings; each sample's noise comes from its
+        own seed. Returns every stage's output by name (the last one is what decodes to a mesh)."""
         cond = cond.to(self.device)
-        noise = self.initial_noise(seeds_for_batch(seed, cond.shape[0]))
-        return rf.euler_sample(self.velocity, noise, cond, self.negative_cond(cond), steps,
-                               cfg_strength=cfg_strength, cfg_interval=cfg_interval, rescale_t=rescale_t)
+        neg = self.negative_cond(cond)
+        seeds = seeds_for_batch(seed, cond.shape[0])
+        per_stage = self.stage_settings(settings)
+        outputs: dict[str, Latent] = {}
+        previous = None
+        for i, stage in enumerate(self.stages):
+            layout = stage.layout_for(previous, len(seeds))
+            noise = stage.noise(self.stage_seeds(seeds, i), layout).to(self.device)
+            previous = outputs[stage.name] = stage.sample(noise, cond, neg, per_stage[stage.name])
+        return outputs
 
     # -- persistence --------------------------------------------------------------------------
     @abc.abstractmethod
     def save(self, path: str | Path) -> None:
-        """Write config.json + model.safetensors into ``path``."""
+        """Write config.json and the weight file(s) into ``path``."""
 
     @classmethod
     @abc.abstractmethod

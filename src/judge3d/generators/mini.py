@@ -22,9 +22,11 @@ from torch import nn
 
 from judge3d.generators.base import (CONFIG_NAME, WEIGHTS_NAME, Generator, read_config, remake_hint,
                                      resolve_device)
+from judge3d.generators.stages import DenseFlowStage, Latent
 from judge3d.core.io import ModelFileError
 
 BACKEND = "mini"
+STAGE = "flow"      # the mini's one flow stage (what the LoRA arms name in method.lora.stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ class FlowDiT(nn.Module):
 # The generator
 # ---------------------------------------------------------------------------------------------
 class MiniGenerator(Generator):
-    """Conditioner + flow transformer + marching-cubes decode, behind :class:`Generator`."""
+    """Conditioner + one dense flow stage ``flow`` + marching-cubes decode, behind :class:`Generator`."""
 
     def __init__(self, config: MiniConfig | None = None, device: str | torch.device = "auto"):
         self.config = config or MiniConfig()
@@ -322,7 +324,8 @@ class MiniGenerator(Generator):
         self.cond_drop_prob = self.config.cond_drop_prob
         self.conditioner = ImageConditioner(self.config.conditioner).to(self.device)
         self.base_flow = FlowDiT(self.config.flow, self.config.conditioner.width, self.config.sigma_min).to(self.device)
-        self.flow_model: nn.Module = self.base_flow
+        self.stages = [DenseFlowStage(STAGE, self.base_flow, self.latent_shape, self.sigma_min,
+                                      self.t_mean, self.t_std)]
         self.freeze_conditioner()
 
     # conditioner --------------------------------------------------------------------------
@@ -361,14 +364,14 @@ class MiniGenerator(Generator):
     def latents_to_occupancy(self, latents: torch.Tensor) -> np.ndarray:
         return ((latents[:, 0].detach().float().cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
 
-    def decode(self, latents: torch.Tensor) -> list:
+    def decode(self, outputs: dict[str, Latent] | torch.Tensor) -> list:
         """Marching cubes on each occupancy grid, in the canonical frame (never re-normalized)."""
-        return [job.mesh() for job in self.decode_jobs(latents)]
+        return [job.mesh() for job in self.decode_jobs(outputs)]
 
-    def decode_jobs(self, latents: torch.Tensor) -> list["OccupancyDecode"]:
+    def decode_jobs(self, outputs: dict[str, Latent] | torch.Tensor) -> list["OccupancyDecode"]:
         """The occupancy grids to decode, one picklable job each (marching cubes runs in ``.mesh()``)."""
         jobs = []
-        for lat in latents:
+        for lat in self.stage_outputs(outputs)[STAGE]:
             raw = lat[0].detach().float().cpu().numpy()
             occ = ((raw + 1.0) / 2.0).clip(0.0, 1.0).astype(np.float32) if np.isfinite(raw).all() else None
             jobs.append(OccupancyDecode(occ, self.config.decode_level, self.config.decode_upsample))

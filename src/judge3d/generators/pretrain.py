@@ -1,33 +1,31 @@
 """Pretraining the mini generator: conditioner and flow transformer trained jointly on the train
 split's clean images and occupancy grids with the rectified-flow loss; the conditioner is frozen after.
 
-Resumable: a checkpoint (weights, optimizer, RNG state, step) is written every ``checkpoint_every``
-steps into a folder outside the DVC output (:mod:`judge3d.core.resume`, keyed by settings and data) and
-picked up by the next run, also under ``dvc repro``; it is removed once the model is saved.
+The loop, LR schedule (linear warm-up, cosine to ``min_lr_ratio * lr``), dvclive curve and resumable
+checkpoints (every ``checkpoint_every`` steps, outside the DVC output, keyed by settings and data) are
+:mod:`judge3d.core.training`'s; the checkpoint is removed once the model is saved. Every random draw of
+step ``s`` comes from a generator seeded by ``(seed, s)``.
 """
 from __future__ import annotations
 
 import hashlib
-import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from judge3d.core.config import ParamsError, require
-from judge3d.generators.mini import MiniGenerator, mini_config_from_params
+from judge3d.generators.mini import STAGE, MiniGenerator, mini_config_from_params
 from judge3d.core.io import read_jsonl
 from judge3d.core.numerics import adamw
-from judge3d.core.resume import checkpoint_dir, drop_checkpoints, fingerprint, replace_dir_atomically
+from judge3d.core.resume import checkpoint_dir, drop_checkpoints, fingerprint
 from judge3d.core.seeding import derive_seed, seed_everything
+from judge3d.core.training import Checkpointing, cosine_schedule, train
 from judge3d.world.dataset import load_image, load_voxels
 
 
@@ -59,14 +57,6 @@ class TrainSettings:
             checkpoint_every=require(params, "base.train.checkpoint_every", int, check=pos),
             aux_weight=require(params, "base.train.aux_weight", float, check=lambda v: v >= 0),
         )
-
-
-def lr_at(step: int, s: TrainSettings) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    frac = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def load_training_set(manifest: str | Path, resolution: int, split: str = "train",
@@ -110,31 +100,9 @@ class CoarseShapeHead(nn.Module):
         return F.binary_cross_entropy_with_logits(self.net(tokens.mean(dim=1)), occ)
 
 
-def _save_checkpoint(ckpt: Path, modules: dict[str, nn.Module], opt, step: int, rng: torch.Generator) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, module in modules.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                  str(tmp / f"{name}.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "step": step, "rng": rng.get_state()}, tmp / "state.pt")
-    replace_dir_atomically(tmp, ckpt)
-
-
-def _load_checkpoint(ckpt: Path, modules: dict[str, nn.Module], opt, rng: torch.Generator) -> int:
-    for name, module in modules.items():
-        module.load_state_dict(load_file(str(ckpt / f"{name}.safetensors")))
-    # Optimizer moments and RNG state are plain tensors/ints: weights_only loading suffices.
-    state = torch.load(ckpt / "state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    rng.set_state(state["rng"])
-    return int(state["step"])
-
-
 def fit(gen: MiniGenerator, img_t: torch.Tensor, x0_all: torch.Tensor, settings: TrainSettings, seed: int,
-        ckpt: Path | None = None, log_step: Callable[[int, dict[str, float]], None] | None = None,
-        progress: bool = True) -> list[float]:
-    """The joint training loop; returns the per-step flow losses (from the resume point on)."""
+        checkpoint: Checkpointing | None = None, live=None, progress: bool = True) -> list[float]:
+    """The joint training loop; returns the per-step flow losses (all steps, also after a resume)."""
     torch.manual_seed(derive_seed(seed, "pretrain-base", "init-head"))
     head = CoarseShapeHead(gen.config.conditioner.width, gen.config.flow.resolution).to(gen.device)
     gen.conditioner.train().requires_grad_(True)
@@ -145,51 +113,42 @@ def fit(gen: MiniGenerator, img_t: torch.Tensor, x0_all: torch.Tensor, settings:
         for name, p in module.named_parameters():
             (decay if p.dim() >= 2 and "pos_embed" not in name else no_decay).append(p)
     opt = adamw([{"params": decay, "weight_decay": settings.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.99))
-    rng = torch.Generator().manual_seed(derive_seed(seed, "pretrain-base", "batches"))
-    start = _load_checkpoint(ckpt, modules, opt, rng) if ckpt is not None and (ckpt / "state.pt").is_file() else 0
-
+                 {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.99))
+    sched = cosine_schedule(opt, warmup_steps=settings.warmup_steps, total_steps=settings.steps,
+                            min_lr_ratio=settings.min_lr_ratio)
     n = len(x0_all)
-    losses: list[float] = []
-    bar = tqdm(range(start, settings.steps), desc="pretrain-base", initial=start, total=settings.steps,
-               disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings)
-        idx = torch.randint(0, n, (settings.batch_size,), generator=rng)
+
+    def step_fn(step: int):
+        g = torch.Generator().manual_seed(derive_seed(seed, "pretrain-base", "batches", step))
+        idx = torch.randint(0, n, (settings.batch_size,), generator=g)
         x0 = x0_all[idx].to(gen.device)
         tokens = gen.conditioner(img_t[idx].to(gen.device))
-        flow_loss = gen.flow_errors(x0, gen.drop_cond(tokens, generator=rng), reduction="mean",
-                                    generator=rng).mean()
+        flow_loss = gen.stage(STAGE).flow_errors(x0, gen.drop_cond(tokens, generator=g), reduction="mean",
+                                                 generator=g).mean()
         aux_loss = head.loss(tokens, x0)
-        loss = flow_loss + settings.aux_weight * aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(decay + no_decay, settings.grad_clip)
-        opt.step()
-        losses.append(flow_loss.item())
-        if log_step is not None:
-            log_step(step, {"loss": losses[-1], "aux_loss": aux_loss.item(), "lr": opt.param_groups[0]["lr"],
-                            "grad_norm": float(grad_norm)})
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if ckpt is not None and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
-            _save_checkpoint(ckpt, modules, opt, step + 1, rng)
+        return flow_loss + settings.aux_weight * aux_loss, {"loss": flow_loss.item(), "aux_loss": aux_loss.item()}
+
+    result = train(step_fn, modules=modules, optimizer=opt, scheduler=sched, steps=settings.steps,
+                   name="pretrain-base", grad_clip=settings.grad_clip, checkpoint=checkpoint, live=live,
+                   progress=progress)
     gen.base_flow.eval()
     gen.freeze_conditioner()
-    return losses
+    return [h["loss"] for h in result.history]
 
 
-def pretrain_checkpoint(params: dict[str, Any], out_dir: str | Path, *inputs: torch.Tensor) -> Path:
-    """Where this run's checkpoint lives: outside the stage's DVC outputs (which DVC deletes before a
-    rerun), keyed by the settings, the seed and the training tensors themselves (:mod:`judge3d.core.resume`)."""
+def pretrain_checkpoint(params: dict[str, Any], out_dir: str | Path, *inputs: torch.Tensor) -> Checkpointing:
+    """This run's checkpoint: outside the stage's DVC outputs (which DVC deletes before a rerun), keyed
+    by the settings, the seed and the training tensors themselves (:mod:`judge3d.core.resume`)."""
     data = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in inputs]
-    return checkpoint_dir(out_dir, fingerprint(require(params, "base", dict), require(params, "seed", int), data))
+    run_fp = fingerprint(require(params, "base", dict), require(params, "seed", int), data)
+    return Checkpointing(checkpoint_dir(out_dir, run_fp), run_fp,
+                         require(params, "base.train.checkpoint_every", int, check=lambda v: v > 0))
 
 
-def pretrain(params: dict[str, Any], manifest: str | Path, out_dir: str | Path,
-             log_step: Callable[[int, dict[str, float]], None] | None = None,
+def pretrain(params: dict[str, Any], manifest: str | Path, out_dir: str | Path, live=None,
              limit_objects: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Train and save the base generator; returns a summary (final loss, wall time, sizes)."""
+    """Train and save the base generator, logging to dvclive ``live``; returns a summary (final loss,
+    wall time, sizes)."""
     settings = TrainSettings.from_params(params)
     seed = require(params, "seed", int)
     torch.set_num_threads(settings.threads)
@@ -204,13 +163,12 @@ def pretrain(params: dict[str, Any], manifest: str | Path, out_dir: str | Path,
         img_t = torch.cat([gen.conditioner.preprocess(images[i:i + 64], "cpu") for i in range(0, len(images), 64)])
     x0_all = gen.encode_shapes(voxels).cpu()
 
-    ckpt = pretrain_checkpoint(params, out_dir, img_t, x0_all)
-    resumed = (ckpt / "state.pt").is_file()
     t0 = time.time()
-    losses = fit(gen, img_t, x0_all, settings, seed, ckpt=ckpt, log_step=log_step)
+    losses = fit(gen, img_t, x0_all, settings, seed, checkpoint=pretrain_checkpoint(params, out_dir, img_t, x0_all),
+                 live=live)
     gen.save(out_dir)
     drop_checkpoints(out_dir)
     tail = losses[-min(50, len(losses)):] if losses else [float("nan")]
-    return {"steps": settings.steps, "resumed": resumed, "n_train_objects": len(rows),
+    return {"steps": settings.steps, "n_train_objects": len(rows),
             "final_loss_mean_last50": float(np.mean(tail)), "wall_s": time.time() - t0,
             "parameters": gen.num_parameters()}

@@ -23,7 +23,6 @@ from typing import Any, Iterable, Sequence
 from judge3d.judges.protocol import Pair
 
 KINDS = ("high_low", "iid", "clear_gap", "headroom", "base_vs_base")
-SEVERITIES = ("mild", "medium", "severe")
 _REQUIRED = ("object_id", "budget", "candidate", "montage_path")
 
 

@@ -9,24 +9,26 @@ After training the judge is scored on pairs of held-out objects from its own obj
 mild and near-tie pairs, both orders) and saved only if it is not degenerate
 (docs/protocol.md#the-tiny-judges: a judge stuck in the ln 2 plateau answers a constant letter:
 flip 1.0 / strict 0 on clear pairs).
+
+The loop, LR schedule (linear warm-up, cosine to 0), dvclive curve and resumable checkpoints are
+:mod:`judge3d.core.training`'s.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from judge3d.world.corruptions import build_pairs, split_objects
 from judge3d.core.numerics import adamw
-from judge3d.core.resume import checkpoint_dir, drop_checkpoints, replace_dir_atomically
+from judge3d.core.resume import checkpoint_dir, drop_checkpoints
 from judge3d.core.seeding import rng, seed_everything
 from judge3d.core.stats import wilson_interval
 
@@ -69,15 +71,6 @@ class TrainConfig:
             raise ValueError(f"judges.training.batch_size {cfg.batch_size} must be even with paired_orders "
                              "(each pair is shown in both orders).")
         return cfg
-
-
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
 
 
 def sample_batch(train_pairs: Sequence[dict], step: int, cfg: TrainConfig, name: str) -> tuple[list[dict], np.ndarray]:
@@ -168,10 +161,12 @@ def check_not_degenerate(metrics: dict[str, Any], cfg: TrainConfig, name: str) -
 
 
 def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir: str | Path, prompt: str,
-                cfg: TrainConfig, *, name: str, log_step: Callable[[int, dict[str, float]], None] | None = None,
-                root: str | Path = ".") -> dict[str, Any]:
-    """Train, evaluate on held-out objects, refuse a degenerate judge, save the HF folder; return a summary."""
+                cfg: TrainConfig, *, name: str, live=None, root: str | Path = ".") -> dict[str, Any]:
+    """Train (logging to dvclive ``live``), evaluate on held-out objects, refuse a degenerate judge,
+    save the HF folder; return a summary."""
     import torch
+
+    from judge3d.core.training import Checkpointing, cosine_schedule, train
 
     from judge3d.judges.hf import HFJudge, make_image_only_processor, open_image
     from judge3d.judges.tiny import (INTERNVL_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_judge,
@@ -204,15 +199,12 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
         prepared[path] = judge.arch.prepare(open_image(root / path))
 
     opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = cosine_schedule(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     config_hash = _config_hash(arch, sizes, cfg, prompt, train_pairs)
-    ckpt = checkpoint_dir(out_dir, config_hash)  # outside the DVC output, which DVC deletes before a rerun
-    start = _maybe_resume(ckpt, config_hash, model, opt, sched)
+    # outside the DVC output, which DVC deletes before a rerun
+    checkpoint = Checkpointing(checkpoint_dir(out_dir, config_hash), config_hash, cfg.checkpoint_every)
 
-    model.train()
-    window: list[tuple[float, float]] = []
-    bar = tqdm(range(start, cfg.steps), desc=f"train {name}", unit="step", initial=start, total=cfg.steps)
-    for step in bar:
+    def step_fn(step: int):
         batch, better_first = sample_batch(train_pairs, step, cfg, name)
         index: dict[str, int] = {}
         for p in batch:
@@ -228,23 +220,13 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
         # full-vocabulary loss spends its first steps learning to say a letter at all.
         pick = logits[:, [target["A"], target["B"]]].float()
         loss = torch.nn.functional.cross_entropy(pick, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
         with torch.no_grad():
             acc = float(((pick[:, 0] > pick[:, 1]) == torch.from_numpy(better_first)).float().mean())
-        window.append((float(loss.detach()), acc))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            loss_m, acc_m = np.mean(window, axis=0)
-            window = []
-            bar.set_postfix(loss=f"{loss_m:.3f}", acc=f"{acc_m:.2f}")
-            if log_step is not None:
-                log_step(step + 1, {"loss": float(loss_m), "accuracy": float(acc_m), "lr": sched.get_last_lr()[0]})
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, config_hash, step + 1, model, opt, sched)
-    bar.close()
+        return loss, {"loss": float(loss.detach()), "accuracy": acc}
+
+    model.train()
+    train(step_fn, modules={"model": model}, optimizer=opt, scheduler=sched, steps=cfg.steps, name=f"judge {name}",
+          grad_clip=cfg.grad_clip, checkpoint=checkpoint, live=live, log_every=cfg.log_every)
     train_s = time.time() - t0
 
     model.eval()
@@ -279,36 +261,3 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
 
 def _abs(pair: dict, root: Path) -> dict:
     return {**pair, "better": str(root / pair["better"]), "worse": str(root / pair["worse"])}
-
-
-def _save_checkpoint(ckpt: Path, config_hash: str, step: int, model, opt, sched) -> None:
-    """One folder written beside the old one, then swapped in: a kill leaves the old or the new."""
-    import torch
-    from safetensors.torch import save_file
-
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": config_hash}))
-    replace_dir_atomically(tmp, ckpt)
-
-
-def _maybe_resume(ckpt: Path, config_hash: str, model, opt, sched) -> int:
-    import torch
-    from safetensors.torch import load_file
-
-    state_file = ckpt / "state.json"
-    if not state_file.is_file():
-        return 0
-    state = json.loads(state_file.read_text())
-    if state.get("config") != config_hash:
-        shutil.rmtree(ckpt)  # made under other params or data: start over
-        return 0
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    optim = torch.load(ckpt / "optim.pt", weights_only=True)
-    opt.load_state_dict(optim["opt"])
-    sched.load_state_dict(optim["sched"])
-    print(f"resuming judge training at step {state['step']} from {ckpt}")
-    return int(state["step"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from judge3d.adapt.arms import arm_spec
 from judge3d.core.config import ParamsError, require
 from judge3d.pipeline.mesh_sets import Job, generate_set, load_budgets
 from judge3d.core.io import read_jsonl, write_jsonl
@@ -20,9 +21,8 @@ MANIFEST = "manifest.jsonl"
 
 
 def arm_regime(params: Mapping[str, Any], arm: str) -> str:
-    """The input regime an arm is evaluated in (params report.arms.<arm>.regime)."""
-    return require(params, f"report.arms.{arm}.regime", str,
-                   check=lambda v: v in ("clean", "mild", "medium", "severe"))
+    """The input regime an arm is evaluated in: its severity, or clean (the arm registry)."""
+    return arm_spec(params, arm).regime
 
 
 def base_reference(base_montage_rows: list[dict[str, Any]], budget: str, seed_index: int) -> list[dict[str, Any]]:
@@ -87,7 +87,7 @@ def evaluate_arm(arm: str, *, generator, cond_transform, judge, params: Mapping[
     regime = arm_regime(params, arm)
     if {r["regime"] for r in reference} != {regime}:
         raise ValueError(f"{base_montage_manifest} holds regimes {sorted({r['regime'] for r in reference})}, "
-                         f"but arm {arm} is evaluated on {regime!r} (report.arms.{arm}.regime)")
+                         f"but arm {arm} is evaluated on {regime!r} (arms.{arm})")
     jobs = arm_jobs(reference, read_jsonl(world_manifest), params, budget)
     generate_set(generator, jobs, out_dir / "meshes", dict(params), batch_size=batch,
                  cond_transform=cond_transform, set_name=f"arm {arm}", extra={"arm": arm})

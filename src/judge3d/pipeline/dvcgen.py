@@ -7,8 +7,8 @@ is imported but not listed in the stage's ``deps`` can change (how a CI is compu
 modules in ``stages/``, and compares it with ``dvc.yaml``.
 
 Used by ``tests/test_stage_deps.py`` (fails naming the stage and the missing file), by
-``judge3d dvc-deps --write`` (adds what is missing, keeping dvc.yaml's comments), and by the
-generator of the ``train-adapter`` stanza, which lists the same closure.
+``judge3d dvc-deps --write`` (adds what is missing, keeping dvc.yaml's comments, and regenerates the
+arm stages: one foreach item per entry of the arm registry, with the keys and data it reads).
 """
 from __future__ import annotations
 
@@ -133,3 +133,142 @@ def write_missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list
     with dvc_yaml.open("w") as fh:
         rt.dump(doc, fh)
     return missing
+
+
+# ---------------------------------------------------------------------------------------------
+# The arm stages, generated from the arm registry (judge3d.adapt.arms)
+# ---------------------------------------------------------------------------------------------
+# DVC cannot splice a list into `params:`/`deps:`, so each foreach item carries its own keys in a
+# fixed number of slots (`${item.params[i]}`), padded by repeating one of them (DVC accepts duplicates).
+ARM_STAGES = ("train-adapter", "judge-eval", "arm-metrics")
+TRAIN_ADAPTER_FOLDERS = ("src/judge3d/adapt", "src/judge3d/generators")
+JUDGE_EVAL_FOLDERS = ("src/judge3d/adapt", "src/judge3d/generators", "src/judge3d/render")
+JUDGE_EVAL_PARAMS = ("seed", "sampler", "geometry", "render", "judge", "judges.eval.model", "arm_eval",
+                     "generate.batch_size")
+EVAL_JUDGE_DIR = "models/judges/eval"
+ARM_METRICS_PARAMS = ("report.bar", "report.n_boot", "report.seed", "report.keys")
+REPORT_STAGE = "report"
+
+
+def code_deps(script: str, folders: tuple[str, ...] = (), repo: str | Path = ".") -> tuple[str, ...]:
+    """A stage's code deps: its script's whole import closure, with the packages it is mostly made
+    of listed as folders."""
+    files = sorted(p.as_posix() for p in import_closure(script, repo))
+    rest = [f for f in files if not any(f.startswith(folder + "/") for folder in folders)]
+    return (*folders, *rest)
+
+
+def covers(listed: Iterable[str], key: str) -> bool:
+    """Whether a params list covers ``key``, itself or through a parent key."""
+    return any(key == k or key.startswith(k + ".") for k in listed)
+
+
+def _slots(per_arm: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
+    """Each arm's list padded to the longest with its own first entry, and that length."""
+    n = max(len(v) for v in per_arm.values())
+    return {arm: v + [v[0]] * (n - len(v)) for arm, v in per_arm.items()}, n
+
+
+def _refs(field: str, n: int) -> list[str]:
+    return [f"${{item.{field}[{i}]}}" for i in range(n)]
+
+
+def arm_stage_bodies(params: dict[str, Any], inputs: Any = None, repo: str | Path = ".") -> dict[str, dict[str, Any]]:
+    """The train-adapter, judge-eval and arm-metrics stages of dvc.yaml, one foreach item per arm:
+    the params keys each reads (so `-S method.beta=...` reruns only the arms that read it), its
+    severity-specific data and its regime's base reference."""
+    from judge3d.adapt.arms import ArmInputs, arm_paths, arm_specs
+
+    inputs = inputs or ArmInputs()
+    specs = list(arm_specs(params))
+    at = arm_paths("${key}", "${item.regime}")
+    train_keys, n_keys = _slots({s.arm: s.param_keys for s in specs})
+    train_data, n_data = _slots({s.arm: inputs.training_data(s) for s in specs})
+    eval_keys, n_eval = _slots({s.arm: s.regime_keys for s in specs})
+    label_keys, n_labels = _slots({s.arm: s.label_keys for s in specs})
+    world_dir = str(Path(inputs.world).parent)
+    return {
+        "train-adapter": {
+            "foreach": {s.arm: {"params": train_keys[s.arm], "deps": train_data[s.arm]} for s in specs},
+            "do": {"cmd": "python stages/train_adapter.py --arm ${key}",
+                   "params": _refs("params", n_keys),
+                   "deps": [*code_deps("stages/train_adapter.py", TRAIN_ADAPTER_FOLDERS, repo), inputs.base, world_dir,
+                            *_refs("deps", n_data)],
+                   "outs": [at.model_dir.as_posix(), at.train_metrics.as_posix(), at.live_dir.as_posix()]}},
+        "judge-eval": {
+            "foreach": {s.arm: {"regime": s.regime, "params": eval_keys[s.arm]} for s in specs},
+            "do": {"cmd": "python stages/judge_eval.py --arm ${key}",
+                   "deps": [*code_deps("stages/judge_eval.py", JUDGE_EVAL_FOLDERS, repo), inputs.base,
+                            at.model_dir.as_posix(), EVAL_JUDGE_DIR, at.base_montages.parent.as_posix()],
+                   "params": [*JUDGE_EVAL_PARAMS, *_refs("params", n_eval)],
+                   "outs": [at.eval_dir.as_posix()]}},
+        "arm-metrics": {
+            "foreach": {s.arm: {"regime": s.regime, "params": label_keys[s.arm]} for s in specs},
+            "do": {"cmd": "python stages/arm_metrics.py --arm ${key}",
+                   "deps": [*code_deps("stages/arm_metrics.py", (), repo), at.eval_dir.as_posix(),
+                            at.train_metrics.as_posix(), at.base_manifest.as_posix()],
+                   "params": [*ARM_METRICS_PARAMS, *_refs("params", n_labels)],
+                   "metrics": [{at.metrics.as_posix(): {"cache": False}}]}},
+    }
+
+
+def report_arm_params(params: dict[str, Any]) -> list[str]:
+    """What the report stage reads of the arms: the whole registry (rows, order, labels) and the
+    settings its labels are filled with."""
+    from judge3d.adapt.arms import arm_specs
+
+    outside = [k for s in arm_specs(params) for k in s.label_keys if not k.startswith("arms.")]
+    return ["arms", *dict.fromkeys(outside)]
+
+
+def stanza_text(name: str, body: dict[str, Any]) -> str:
+    """One stage as dvc.yaml text (indented under ``stages:``, sequences indented as in the file)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def increase_indent(self, flow: bool = False, indentless: bool = False):
+            return super().increase_indent(flow, False)
+
+    text = yaml.dump({name: body}, Dumper=Dumper, sort_keys=False, width=4096, allow_unicode=True)
+    return "".join("  " + line if line.strip() else line for line in text.splitlines(True))
+
+
+def write_arm_stanzas(dvc_yaml: str | Path, params: dict[str, Any]) -> list[str]:
+    """Rewrite the generated arm stages in dvc.yaml (text outside them, comments included, is kept)
+    and add what the report stage reads of the arms to its params; returns what changed."""
+    dvc_yaml = Path(dvc_yaml)
+    repo = dvc_yaml.resolve().parent
+    text = dvc_yaml.read_text()
+    changed = []
+    for name, body in arm_stage_bodies(params, repo=repo).items():
+        start = text.index(f"\n  {name}:\n") + 1
+        nxt = re.compile(r"^(?:  \S|\S)", re.M).search(text, start + 1)
+        end = nxt.start() if nxt else len(text)
+        new = stanza_text(name, body) + "\n"
+        if text[start:end] != new:
+            changed.append(name)
+            text = text[:start] + new + text[end:]
+    dvc_yaml.write_text(text)
+    missing = missing_report_params(dvc_yaml, params)
+    if missing:
+        from ruamel.yaml import YAML
+
+        rt = YAML()
+        rt.preserve_quotes = True
+        rt.width = 4096
+        rt.indent(mapping=2, sequence=4, offset=2)
+        doc = rt.load(dvc_yaml.read_text())
+        doc["stages"][REPORT_STAGE]["params"].extend(missing)
+        with dvc_yaml.open("w") as fh:
+            rt.dump(doc, fh)
+        changed.append(REPORT_STAGE)
+    return changed
+
+
+def missing_report_params(dvc_yaml: str | Path, params: dict[str, Any]) -> list[str]:
+    """Keys the report stage reads of the arms that dvc.yaml does not list for it."""
+    import yaml
+
+    doc = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
+    listed = [str(k) for k in doc["stages"][REPORT_STAGE].get("params") or []]
+    return [k for k in report_arm_params(params) if not covers(listed, k)]

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from judge3d.core.config import require
 from judge3d.core.io import read_jsonl, write_json, write_jsonl
+from judge3d.world.degrade import require_severities
 from judge3d.judges.pairing import (FLAGGED_LOG, base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs,
                                     kept_pairs, partition_flagged, train_label_pairs)
 from judge3d.judges.protocol import Backend, pair_verdicts, run_pairs
@@ -109,9 +110,7 @@ def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: s
     """Eval judge on every control (clear-gap, headroom per severity, base-vs-base); training judge on
     the clear-gap pairs (for kappa). Logs: <out_dir>/eval_<control>.jsonl and train_clear_gap.jsonl."""
     out_dir = Path(out_dir)
-    severities = require(params, "calibrate.severities", list,
-                         check=lambda v: all(s in ("mild", "medium", "severe") for s in v),
-                         hint="A list of severities from mild, medium, severe.")
+    severities = require_severities(params, "calibrate.severities")
     bs = batch_size(params, "calibrate")
     flagged: list[dict[str, Any]] = []
     pairs = calibration_pairs(montages_dir, severities, flagged)

@@ -1,9 +1,11 @@
 """Mesh sets: which (object, input regime, budget, seed) candidates a set holds, and producing them.
 
 A set is defined in params ``generate.sets.<name>`` (split, regime, entries of budget/n_objects/n_seeds);
-budgets in ``sampler.budgets``. The noise seed of a candidate depends only on (params seed, object,
-seed index), never on the set, budget or batch, so an arm that regenerates a held-out output with
-the same seed index starts from the very same noise as the base did.
+budgets in ``sampler.budgets`` (settings per flow stage over ``sampler.stages``). The noise seed of a
+candidate depends only on (params seed, object, seed index), never on the set, budget or batch, so an
+arm that regenerates a held-out output with the same seed index starts from the very same noise as
+the base did. Each candidate keeps its mesh (``.ply``), the oracle's occupancy grid and the latents
+every stage sampled (``.latents.safetensors``, manifest column ``latents_path``): the arms' targets.
 """
 from __future__ import annotations
 
@@ -16,40 +18,58 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from judge3d.core.config import ParamsError, require
+from judge3d.core.config import ParamsError, deep_merge, require
 from judge3d.generators.base import Generator
+from judge3d.generators.stages import StageSampler, pack_outputs
 from judge3d.world.dataset import load_image
+from judge3d.world.degrade import REGIMES
 from judge3d.core.io import JsonlAppender, read_jsonl, write_jsonl
 from judge3d.core.seeding import derive_seed
 
-REGIMES = ("clean", "mild", "medium", "severe")
+
+STAGE_SAMPLER_KEYS = ("steps", "cfg_strength", "cfg_interval", "rescale_t")
 
 
 @dataclass(frozen=True)
 class Budget:
+    """A named sampling budget: the sampler settings of every flow stage, in the generator's order."""
     name: str
-    steps: int
-    cfg_strength: float
-    cfg_interval: tuple[float, float]
-    rescale_t: float
+    stages: dict[str, StageSampler]
 
-    def sampler_kwargs(self) -> dict[str, Any]:
-        return {"steps": self.steps, "cfg_strength": self.cfg_strength,
-                "cfg_interval": self.cfg_interval, "rescale_t": self.rescale_t}
+    def row(self) -> dict[str, dict[str, Any]]:
+        return {stage: settings.as_dict() for stage, settings in self.stages.items()}
 
 
 def load_budgets(params: dict[str, Any]) -> dict[str, Budget]:
-    interval = require(params, "sampler.cfg_interval", list,
-                       check=lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1,
-                       hint="two numbers lo <= hi in [0, 1], e.g. [0.5, 1.0]")
-    rescale = require(params, "sampler.rescale_t", float, check=lambda v: v > 0)
+    """``sampler.budgets.<budget>.<stage>`` over the shared ``sampler.stages.<stage>`` settings."""
+    shared = require(params, "sampler.stages", dict, check=lambda v: len(v) > 0,
+                     hint="one block per flow stage of the generator, e.g. `flow: {cfg_interval: [0.5, 1.0], "
+                          "rescale_t: 3.0}`")
     budgets = {}
     for name in require(params, "sampler.budgets", dict):
-        budgets[name] = Budget(
-            name=name,
-            steps=require(params, f"sampler.budgets.{name}.steps", int, check=lambda v: v >= 1),
-            cfg_strength=require(params, f"sampler.budgets.{name}.cfg_strength", float, check=lambda v: v >= 0),
-            cfg_interval=(float(interval[0]), float(interval[1])), rescale_t=rescale)
+        block = require(params, f"sampler.budgets.{name}", dict)
+        unknown = sorted(set(block) - set(shared))
+        if unknown:
+            raise ParamsError(f"params.yaml: sampler.budgets.{name} names stage(s) {unknown} that sampler.stages "
+                              f"does not list ({sorted(shared)})")
+        stages = {}
+        for stage in shared:
+            # Checked under the budget's own key path, so an error names sampler.budgets.<budget>.<stage>.<key>.
+            settings = deep_merge(require(params, f"sampler.stages.{stage}", dict), block.get(stage) or {})
+            merged = {"sampler": {"budgets": {name: {stage: settings}}}}
+            where = f"sampler.stages.{stage} or sampler.budgets.{name}.{stage}"
+            extra = sorted(set(settings) - set(STAGE_SAMPLER_KEYS))
+            if extra:
+                raise ParamsError(f"params.yaml: {where} set(s) {extra}; a stage's sampler reads {list(STAGE_SAMPLER_KEYS)}")
+            get = lambda key, kind, check=None, hint="": require(  # noqa: E731
+                merged, f"sampler.budgets.{name}.{stage}.{key}", kind, check=check, hint=f"(set it in {where}) {hint}".strip())
+            interval = get("cfg_interval", list, lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1,
+                           "two numbers lo <= hi in [0, 1], e.g. [0.5, 1.0]")
+            stages[stage] = StageSampler(steps=get("steps", int, lambda v: v >= 1),
+                                         cfg_strength=get("cfg_strength", float, lambda v: v >= 0),
+                                         cfg_interval=(float(interval[0]), float(interval[1])),
+                                         rescale_t=get("rescale_t", float, lambda v: v > 0))
+        budgets[name] = Budget(name=name, stages=stages)
     return budgets
 
 
@@ -156,13 +176,13 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
             cond = gen.encode_images([load_image(j.image_path) for j in batch])
             if cond_transform is not None:
                 cond = cond_transform(cond)
-            latents = gen.sample(cond, seed=[j.seed for j in batch], **batch[0].budget.sampler_kwargs())
+            outputs = gen.sample(cond, batch[0].budget.stages, seed=[j.seed for j in batch])
             # Decoding runs in the workers too, where the generator allows it (Generator.decode_jobs).
-            decode_jobs = gen.decode_jobs(latents)
+            decode_jobs = gen.decode_jobs(outputs)
             if len(decode_jobs) != len(batch):
                 raise RuntimeError(f"{type(gen).__name__}.decode_jobs returned {len(decode_jobs)} jobs for "
                                    f"{len(batch)} latents")
-            yield from zip(batch, decode_jobs)
+            yield from zip(batch, decode_jobs, (pack_outputs(outputs, i) for i in range(len(batch))))
 
     score = _CandidateScorer(out_dir, params, set_name, extra or {})
     with JsonlAppender(partial) as sink, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
@@ -201,11 +221,16 @@ class _CandidateScorer:
                                                                 source=job.mesh_path_gt)
         return self.refs[job.object_id]
 
-    def __call__(self, item: tuple[Job, Any]) -> dict[str, Any]:
+    def __call__(self, item: tuple[Job, Any, dict[str, np.ndarray]]) -> dict[str, Any]:
+        from safetensors.numpy import save_file
+
         from judge3d.world.geometry import oracle_metrics, validity
         from judge3d.world.voxel import voxelize
 
-        job, decode_job = item
+        job, decode_job, latents = item
+        # What the sampler produced, every stage's output: the arms train on these exact latents.
+        latents_path = self.out_dir / f"{job.candidate}{LATENTS_SUFFIX}"
+        save_file(latents, str(latents_path))
         mesh = decode_job.mesh()
         mesh_path = self.out_dir / f"{job.candidate}.ply"
         occupancy_path = self.out_dir / f"{job.candidate}{OCCUPANCY_SUFFIX}"
@@ -213,8 +238,7 @@ class _CandidateScorer:
         pred_voxels = None
         if not empty:
             mesh.export(mesh_path)
-            # The grid the oracle's IoU is computed on, kept for the arms' training targets
-            # (adapt.data.load_target), which would otherwise voxelize every mesh again.
+            # The grid the oracle's IoU is computed on, kept so a rescoring need not voxelize again.
             pred_voxels = voxelize(mesh, self.geometry.iou_resolution, self.geometry.iou_supersample)
             save_occupancy(occupancy_path, pred_voxels, self.geometry.iou_supersample)
         else:
@@ -224,11 +248,10 @@ class _CandidateScorer:
                                  pred_flags={"empty": empty, "nan": bool(mesh.metadata.get("nan"))},
                                  pred_voxels=pred_voxels)
         row = {"object_id": job.object_id, "category": job.category, "split": job.split,
-               "regime": job.regime, "budget": job.budget.name, "steps": job.budget.steps,
-               "cfg_strength": job.budget.cfg_strength, "cfg_interval": list(job.budget.cfg_interval),
-               "rescale_t": job.budget.rescale_t, "seed": job.seed, "seed_index": job.seed_index,
+               "regime": job.regime, "budget": job.budget.name, "sampler": job.budget.row(),
+               "seed": job.seed, "seed_index": job.seed_index,
                "candidate": job.candidate, "input_image_path": job.image_path,
-               "mesh_path": mesh_path.as_posix(),
+               "mesh_path": mesh_path.as_posix(), "latents_path": latents_path.as_posix(),
                "occupancy_path": None if empty else occupancy_path.as_posix(),
                "gt_mesh_path": job.mesh_path_gt,
                "set": self.set_name, **metrics, "empty": empty, "validity": validity(None if empty else mesh)}
@@ -237,6 +260,7 @@ class _CandidateScorer:
 
 
 OCCUPANCY_SUFFIX = ".occupancy.npy"
+LATENTS_SUFFIX = ".latents.safetensors"   # keys: a dense stage's name; <stage>.coords / <stage>.feats (sparse)
 
 
 def save_occupancy(path: Path, grid: np.ndarray, supersample: int) -> None:

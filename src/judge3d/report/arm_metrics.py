@@ -1,7 +1,7 @@
 """Per-arm metrics: the evaluation judge's verdicts on (arm output, base output) pairs, the oracle's
 view of the same meshes, and the arm's training probes, in one JSON-ready dict.
 
-Inputs are the raw files only (see :class:`ArmPaths`): the eval-judge log (x = arm, y = base), the
+Inputs are the raw files only (see :class:`judge3d.adapt.arms.ArmPaths`): the eval-judge log (x = arm, y = base), the
 arm's held-out manifest, the base's held-out manifest of the same regime, and the arm's
 ``train_metrics.json``. The stage ``stages/arm_metrics.py`` and ``verify`` both call
 :func:`arm_metrics_from_files`, so a recomputation is the same code path as the original.
@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from judge3d.adapt.arms import ArmSpec, arm_paths, arm_spec, arm_specs
 from judge3d.core import stats
 from judge3d.core.config import ParamsError, require
 from judge3d.core.io import read_json, read_jsonl
@@ -22,9 +23,6 @@ from judge3d.judges.pairing import montage_flags
 from judge3d.judges.protocol import summarize
 from judge3d.judges.verdict_log import check_row, read_log
 
-REGIMES = ("clean", "mild", "medium", "severe")
-SEVERITIES = ("mild", "medium", "severe")
-FAMILIES = ("flow", "repair")
 # Rows of the arm manifest are paired with base rows on these fields (same object, regime, seed).
 PAIR_FIELDS = ("object_id", "regime", "seed", "budget")  # the base set also holds other budgets with the same seed
 
@@ -33,26 +31,13 @@ PAIR_FIELDS = ("object_id", "regime", "seed", "budget")  # the base set also hol
 # params
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ArmSpec:
-    name: str
-    display: str       # the study table's "Intervention", may hold "{beta}"
-    adapts: str        # what is adapted, e.g. "flow DiT" or "conditioner"
-    regime: str        # clean | mild | medium | severe
-    family: str        # flow | repair
-
-    @property
-    def regime_label(self) -> str:
-        return "clean" if self.regime == "clean" else f"hard ({self.regime})"
-
-
-@dataclass(frozen=True)
 class ReportSettings:
     bar: float
     n_boot: int
     seed: int
     gallery_size: int
     thumb_px: int
-    arms: dict[str, ArmSpec]
+    arms: dict[str, ArmSpec]         # the arm registry, in study-table order
     oracle_keys: dict[str, str]      # metric name -> manifest field (dotted path allowed)
     validity_keys: dict[str, str]    # watertight / components / degenerate_faces -> manifest field
     input_image_key: str
@@ -67,16 +52,7 @@ def report_settings(params: Mapping[str, Any]) -> ReportSettings:
     seed = require(params, "report.seed", int)
     gallery = require(params, "report.gallery_size", int, check=lambda v: v >= 0)
     thumb = require(params, "report.thumb_px", int, check=lambda v: 16 <= v <= 1024)
-    arms_raw = require(params, "report.arms", dict, check=lambda v: len(v) > 0)
-    arms = {}
-    for name in arms_raw:
-        prefix = f"report.arms.{name}"
-        regime = require(params, f"{prefix}.regime", str, check=lambda v: v in REGIMES, hint=f"One of {REGIMES}.")
-        family = require(params, f"{prefix}.family", str, check=lambda v: v in FAMILIES, hint=f"One of {FAMILIES}.")
-        if family == "repair" and regime not in SEVERITIES:
-            raise ParamsError(f"params.yaml: {prefix}.regime = {regime!r}: a repair arm needs a severity {SEVERITIES}.")
-        arms[str(name)] = ArmSpec(name=str(name), display=require(params, f"{prefix}.display", str),
-                                  adapts=require(params, f"{prefix}.adapts", str), regime=regime, family=family)
+    arms = {spec.arm: spec for spec in arm_specs(params)}
     keys = {}
     for block in ("oracle", "validity", "train"):
         node = require(params, f"report.keys.{block}", dict)
@@ -89,42 +65,6 @@ def report_settings(params: Mapping[str, Any]) -> ReportSettings:
     return ReportSettings(bar=bar, n_boot=n_boot, seed=seed, gallery_size=gallery, thumb_px=thumb, arms=arms,
                           oracle_keys=keys["oracle"], validity_keys=keys["validity"],
                           input_image_key=require(params, "report.keys.input_image", str), train_keys=keys["train"])
-
-
-def arm_spec(settings: ReportSettings, arm: str) -> ArmSpec:
-    if arm not in settings.arms:
-        raise ParamsError(f"params.yaml: arm {arm!r} has no 'report.arms.{arm}' entry (display, adapts, regime, "
-                          f"family); known: {sorted(settings.arms)}.")
-    return settings.arms[arm]
-
-
-# --------------------------------------------------------------------------------------------
-# paths (one place, shared by the stages, the report and verify)
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ArmPaths:
-    verdicts: Path
-    manifest: Path
-    base_manifest: Path
-    train_metrics: Path
-    metrics: Path
-
-
-def arm_paths(root: str | Path, arm: str, regime: str) -> ArmPaths:
-    root = Path(root)
-    return ArmPaths(verdicts=root / "data" / "evals" / arm / "verdicts.jsonl",
-                    manifest=root / "data" / "evals" / arm / "manifest.jsonl",
-                    base_manifest=base_manifest_path(root, regime),
-                    train_metrics=root / "data" / "arms" / arm / "train_metrics.json",
-                    metrics=root / "metrics" / "arms" / f"{arm}.json")
-
-
-def base_manifest_path(root: str | Path, regime: str) -> Path:
-    return Path(root) / "data" / "generated" / f"heldout_{regime}" / "manifest.jsonl"
-
-
-def base_montage_manifest_path(root: str | Path, regime: str) -> Path:
-    return Path(root) / "data" / "montages" / f"heldout_{regime}" / "manifest.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +113,7 @@ def pair_manifests(arm_rows: Sequence[Mapping[str, Any]], base_rows: Sequence[Ma
         bad = sorted({str(r.get("regime")) for r in rows} - {regime})
         if bad:
             raise ValueError(f"arm {arm}: the {name} manifest holds regime(s) {bad}, expected only {regime!r}; "
-                             f"check report.arms.{arm}.regime against the arm's params.")
+                             f"check arms.{arm}.severity against the arm's params.")
     base_by_key: dict[tuple, Mapping[str, Any]] = {}
     for r in base_rows:
         key = tuple(r.get(k) for k in PAIR_FIELDS)
@@ -249,23 +189,27 @@ def oracle_win(pairs, score_key: str, settings: ReportSettings) -> dict[str, Any
 
 def _train_block(train: Mapping[str, Any], spec: ArmSpec, settings: ReportSettings) -> dict[str, Any]:
     keys = settings.train_keys
-    src = f"data/arms/{spec.name}/train_metrics.json"
+    src = f"data/arms/{spec.arm}/train_metrics.json"
 
     def get(name: str, required: bool) -> Any:
         value = field(train, keys[name]) if name in keys else None
         if required and value is None:
             raise ValueError(f"{src}: no {keys.get(name, name)!r} (report.keys.train.{name}); the train-adapter@"
-                             f"{spec.name} stage must record it.")
+                             f"{spec.arm} stage must record it.")
         return value
 
     severity = train.get("severity")
     if severity is not None and severity != spec.regime:
-        raise ValueError(f"{src}: the arm was trained for severity {severity!r} but report.arms.{spec.name}.regime "
-                         f"is {spec.regime!r}; make them agree in params.yaml.")
+        raise ValueError(f"{src}: the arm was trained for severity {severity!r} but params say {spec.regime!r} "
+                         f"(arms.{spec.arm}); rerun train-adapter@{spec.arm}.")
     diverged = get("diverged", True)
     if not isinstance(diverged, bool):
         raise ValueError(f"{src}: {keys['diverged']!r} must be true/false, got {diverged!r}.")
     trained = train.get("trained", True) is not False  # an arm with no training data is flagged untrained
+    beta = field(train, keys["beta"]) if "beta" in keys else None
+    if beta is not None and "beta" in spec.settings and beta != spec.settings["beta"]:
+        raise ValueError(f"{src}: the arm was trained with β={beta} but params say β={spec.settings['beta']}; "
+                         f"rerun train-adapter@{spec.arm}.")
     out: dict[str, Any] = {"diverged": diverged, "trained": trained}
     is_repair = spec.family == "repair"
     for name in ("fm_mse_before", "fm_mse_after", "feat_mse_before", "feat_mse_after"):
@@ -284,17 +228,6 @@ def _train_block(train: Mapping[str, Any], spec: ArmSpec, settings: ReportSettin
     return out
 
 
-def display_name(spec: ArmSpec, train_block: Mapping[str, Any]) -> str:
-    """The arm's table label; ``{beta}`` is filled from the arm's recorded β (so a β change shows)."""
-    if "{beta}" not in spec.display:
-        return spec.display
-    beta = train_block.get("beta")
-    if beta is None:
-        raise ValueError(f"report.arms.{spec.name}.display uses {{beta}} but data/arms/{spec.name}/train_metrics.json "
-                         "records no beta (report.keys.train.beta).")
-    return spec.display.replace("{beta}", f"{beta:g}")
-
-
 # --------------------------------------------------------------------------------------------
 # the metrics
 # --------------------------------------------------------------------------------------------
@@ -308,7 +241,7 @@ def arm_metrics(verdict_rows: Sequence[Mapping[str, Any]], arm_manifest: Sequenc
     reported as ``n_flagged`` (+ ``flagged_objects``), never judged; the oracle columns keep them.
     """
     settings = report_settings(params)
-    spec = arm_spec(settings, arm)
+    spec = arm_spec(params, arm)
     flagged_objects = {str(rec["object_id"]) for rec in flagged}
     flagged_objects |= {str(r.get("object_id")) for r in arm_manifest if montage_flags(dict(r))}
     # rows for a flagged pair can only come from an earlier run, before its montage was flagged
@@ -337,7 +270,7 @@ def arm_metrics(verdict_rows: Sequence[Mapping[str, Any]], arm_manifest: Sequenc
     strict = judge["strict"]
 
     out: dict[str, Any] = {
-        "arm": arm, "display": display_name(spec, train), "adapts": spec.adapts, "regime": spec.regime,
+        "arm": arm, "display": spec.display, "adapts": spec.adapts_label, "regime": spec.regime,
         "family": spec.family, "judge_id": verdict_rows[0]["judge_id"],
         "n_manifest": len(pairs), "n_unjudged": len(manifest_objects - judged_objects - flagged_objects),
         # set aside for a blank or clipped montage: not in n, W, L, F (shown beside them in the report)
@@ -358,8 +291,7 @@ def arm_metrics(verdict_rows: Sequence[Mapping[str, Any]], arm_manifest: Sequenc
 
 def load_arm_inputs(root: str | Path, arm: str, params: Mapping[str, Any]):
     """(verdict rows, arm manifest, base manifest, train metrics) from the repo's raw files."""
-    spec = arm_spec(report_settings(params), arm)
-    paths = arm_paths(root, arm, spec.regime)
+    paths = arm_paths(arm, arm_spec(params, arm).regime, root)
     for path, fix in ((paths.manifest, f"run judge-eval@{arm} (or dvc pull)"),
                       (paths.base_manifest, "run the generate stage (or dvc pull)"),
                       (paths.train_metrics, f"run train-adapter@{arm} (or dvc pull)")):
@@ -373,7 +305,7 @@ def load_flagged(root: str | Path, arm: str, params: Mapping[str, Any]) -> list[
     """judge-eval's flagged.jsonl for ``arm`` ([] for a run from before montage flags were read)."""
     from judge3d.judges.pairing import FLAGGED_LOG
 
-    path = arm_paths(root, arm, arm_spec(report_settings(params), arm).regime).verdicts.parent / FLAGGED_LOG
+    path = arm_paths(arm, arm_spec(params, arm).regime, root).eval_dir / FLAGGED_LOG
     return read_jsonl(path) if path.is_file() else []
 
 

@@ -12,9 +12,9 @@ from typing import Any, Iterable
 
 from judge3d.core import stats
 from judge3d.core.io import read_jsonl
+from judge3d.world.degrade import SEVERITIES
 
 METRICS = ("fscore", "iou")
-SEVERITIES = ("mild", "medium", "severe")
 
 
 def _select(rows: Iterable[dict[str, Any]], budget: str, seed_index: int = 0) -> dict[str, dict[str, Any]]:

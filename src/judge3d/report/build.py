@@ -11,7 +11,8 @@ from typing import Any, Mapping
 from judge3d.core.io import read_json, read_jsonl
 from judge3d.judges.protocol import pair_verdicts
 from judge3d.judges.verdict_log import read_log
-from judge3d.report.arm_metrics import ReportSettings, arm_paths, report_settings
+from judge3d.adapt.arms import arm_paths
+from judge3d.report.arm_metrics import ReportSettings, report_settings
 
 REPORTS_DIR = "reports"
 PLOTS_DIR = "reports/plots"
@@ -21,7 +22,7 @@ CALIBRATION_METRICS = "metrics/calibration.json"
 def load_arm_metrics(root: str | Path, settings: ReportSettings) -> dict[str, dict[str, Any]]:
     out = {}
     for arm, spec in settings.arms.items():
-        path = arm_paths(root, arm, spec.regime).metrics
+        path = arm_paths(arm, spec.regime, root).metrics
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run arm-metrics@{arm} (dvc repro).")
         out[arm] = read_json(path)
@@ -39,7 +40,7 @@ def arm_pair_records(root: str | Path, settings: ReportSettings) -> list[dict[st
     """Pair verdicts (arm = x, base = y) of every arm's eval log, tagged with the arm."""
     records = []
     for arm, spec in settings.arms.items():
-        for rec in pair_verdicts(read_log(arm_paths(root, arm, spec.regime).verdicts)):
+        for rec in pair_verdicts(read_log(arm_paths(arm, spec.regime, root).verdicts)):
             records.append({**rec, "arm": arm, "pair_id": f"{arm}/{rec['pair_id']}"})
     return records
 
@@ -88,7 +89,7 @@ def report_html(root: str | Path, params: Mapping[str, Any]) -> str:
     }
     galleries = {}
     for arm, spec in settings.arms.items():
-        paths = arm_paths(root, arm, spec.regime)
+        paths = arm_paths(arm, spec.regime, root)
         galleries[arm] = gallery_items(read_log(paths.verdicts), read_jsonl(paths.manifest),
                                        read_jsonl(paths.base_manifest), settings, arm)
     tables = report_tables(arms, calibration, settings)

@@ -18,10 +18,10 @@ from judge3d.core.io import read_jsonl
 from judge3d.judges.pairing import FLAGGED_LOG
 from judge3d.judges.protocol import aggregate, judge_agreement, pair_verdicts
 from judge3d.judges.verdict_log import read_log
+from judge3d.world.degrade import SEVERITIES, require_severities
 
 # The seed study's numbers, printed beside ours for comparison (never used in a decision).
 SEED_REPORTED = {"strict_win_high_over_low": 0.89, "iid_flip_rate": 0.94}
-SEVERITIES = ("mild", "medium", "severe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def calibration_metrics_from_dir(log_dir: str | Path, params: Mapping[str, Any],
     """calibration_metrics on data/calibration/{eval_<control>,train_clear_gap}.jsonl (verify's entry point)."""
 
     log_dir = Path(log_dir)
-    severities = require(params, "calibrate.severities", list)
+    severities = require_severities(params, "calibrate.severities")
     flagged_path = log_dir / FLAGGED_LOG
     flagged = read_jsonl(flagged_path) if flagged_path.is_file() else []  # absent: a log from before flags were read
     set_aside = {str(rec["pair_id"]) for rec in flagged}

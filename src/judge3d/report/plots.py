@@ -1,12 +1,13 @@
 """Plot data for ``dvc plots`` (CSV) and the same figures as inline SVG for the HTML report.
 
-The SVG is written by hand (no plotting dependency): bars with CI whiskers, dashed reference lines.
+The SVG is drawn by matplotlib: bars or lines with 95% CI whiskers, dashed reference lines.
 Both outputs come from the same rows, so the HTML and ``dvc plots show`` cannot disagree.
 """
 from __future__ import annotations
 
-import html
-from typing import Any, Mapping, Sequence
+import io
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 from judge3d.report.arm_metrics import ReportSettings
 from judge3d.report.tables import _csv_text, repair_arms_by_severity
@@ -79,107 +80,133 @@ def plot_files(arms: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, 
 
 
 # --------------------------------------------------------------------------------------------
-# SVG
+# SVG (matplotlib)
 # --------------------------------------------------------------------------------------------
-W, H = 720, 320
-ML, MR, MT, MB = 56, 16, 44, 92
-LEGEND_Y = 30
+# The figures are DVC outputs (inlined in report.html), so their bytes must not depend on the run or
+# the machine: matplotlib's own defaults (not the user's matplotlibrc), a fixed id salt, no date or
+# creator, text kept as <text>, and DejaVu Sans, which ships with matplotlib and is found before any
+# system copy, so text metrics (hence the layout) are the same everywhere.
+SVG_RC = {
+    "svg.fonttype": "none",
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "text.parse_math": False,       # an arm display name with "$" is text, not mathtext
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "svg.hashsalt": "judge3d",      # the hashed ids (clip paths, markers) are otherwise random
+}
+FIGSIZE_IN = (7.5, 3.6)
+DPI = 96
+SVG_METADATA = {"Date": None, "Creator": None}
+BLUE, GREY, ORANGE, GREEN, TEAL, RED, DARK = "#4c78a8", "#bbbbbb", "#f58518", "#54a24b", "#72b7b2", "#d62728", "#222222"
 
 
-def _y(v: float) -> float:
-    return MT + (1.0 - v) * (H - MT - MB)
+def render_svg(name: str, draw: Callable[[Any], None]) -> str:
+    """``draw(figure)`` under the fixed style, as an ``<svg>`` element to inline in HTML.
+
+    ``name`` prefixes every element id (and reference to one): the page inlines several figures,
+    and matplotlib numbers ``figure_1``, ``axes_1``... afresh in each."""
+    import matplotlib.style
+    from matplotlib.figure import Figure
+
+    with matplotlib.style.context(["default", SVG_RC]):
+        fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
+        draw(fig)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata=SVG_METADATA)
+    text = buf.getvalue()
+    text = text[text.index("<svg"):].rstrip()  # inline: no XML declaration or DOCTYPE
+    return re.sub(r'( id="|="url\(#|href="#)', rf"\g<1>{name}-", text)
 
 
-def _frame(title: str, y_label: str) -> list[str]:
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
-             f'role="img" aria-label="{html.escape(title)}" font-family="sans-serif" font-size="11">',
-             f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{html.escape(title)}</text>']
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<line x1="{ML}" x2="{W - MR}" y1="{_y(v):.1f}" y2="{_y(v):.1f}" stroke="#e5e5e5"/>')
-        parts.append(f'<text x="{ML - 6}" y="{_y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
-    parts.append(f'<text x="14" y="{(MT + H - MB) / 2:.0f}" transform="rotate(-90 14 {(MT + H - MB) / 2:.0f})" '
-                 f'text-anchor="middle">{html.escape(y_label)}</text>')
-    parts.append(f'<line x1="{ML}" x2="{ML}" y1="{MT}" y2="{H - MB}" stroke="#333"/>')
-    parts.append(f'<line x1="{ML}" x2="{W - MR}" y1="{H - MB}" y2="{H - MB}" stroke="#333"/>')
-    return parts
+def _axes(fig: Any, title: str, y_label: str) -> Any:
+    ax = fig.subplots()
+    ax.set_title(title, fontweight="bold")
+    ax.set_ylabel(y_label)
+    ax.set_ylim(0.0, 1.1)               # headroom above 1.0 for the value labels
+    ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
+    ax.grid(axis="y", color="#e5e5e5")
+    ax.set_axisbelow(True)
+    return ax
 
 
-def _ref_line(v: float, label: str, colour: str) -> str:
-    return (f'<line x1="{ML}" x2="{W - MR}" y1="{_y(v):.1f}" y2="{_y(v):.1f}" stroke="{colour}" '
-            f'stroke-dasharray="6 4" stroke-width="1.5"/>'
-            f'<text x="{W - MR - 4}" y="{_y(v) - 4:.1f}" text-anchor="end" fill="{colour}" '
-            f'stroke="white" stroke-width="3" paint-order="stroke">{html.escape(label)}</text>')
+def _whiskers(ax: Any, rows: Sequence[Mapping[str, Any]], lo: str, hi: str) -> None:
+    """95% CI whiskers where both ends are known (drawn about the midpoint: the interval, not an error)."""
+    pts = [(i, r[lo], r[hi]) for i, r in enumerate(rows) if r[lo] is not None and r[hi] is not None]
+    if pts:
+        x, los, his = zip(*pts)
+        ax.errorbar(x, [(a + b) / 2 for a, b in zip(los, his)], yerr=[(b - a) / 2 for a, b in zip(los, his)],
+                    fmt="none", ecolor=DARK, elinewidth=1, capsize=4)
 
 
-def _whisker(x: float, lo: Any, hi: Any) -> str:
-    if lo is None or hi is None:
-        return ""
-    return (f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_y(hi):.1f}" y2="{_y(lo):.1f}" stroke="#222"/>'
-            f'<line x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{_y(hi):.1f}" y2="{_y(hi):.1f}" stroke="#222"/>'
-            f'<line x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{_y(lo):.1f}" y2="{_y(lo):.1f}" stroke="#222"/>')
+def _value_labels(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, above: str | None = None,
+                  colour: str = DARK) -> None:
+    """Each value as text: above the top of its whisker (``above``), else right of the point."""
+    for i, r in enumerate(rows):
+        if r[key] is None:
+            continue
+        if above and r[above] is not None:
+            ax.annotate(f"{r[key]:.3f}", (i, r[above]), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8, color=colour)
+        else:
+            ax.annotate(f"{r[key]:.3f}", (i, r[key]), xytext=(7, 0), textcoords="offset points", ha="left",
+                        va="center", fontsize=8, color=colour)
+
+
+def _reference_lines(ax: Any, bar: float) -> None:
+    ax.axhline(PARITY, color="#666666", linestyle="--", linewidth=1.2, label=f"{PARITY:.2f} parity")
+    ax.axhline(bar, color=RED, linestyle="--", linewidth=1.2, label=f"{bar:.2f} target")
+
+
+def _legend(ax: Any) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
 
 
 def svg_win_rate(rows: Sequence[Mapping[str, Any]], bar: float) -> str:
-    parts = _frame("Evaluation-judge win-rate vs the base (95% Wilson CI)", "strict win-rate")
-    slot = (W - ML - MR) / max(1, len(rows))
-    for i, r in enumerate(rows):
-        cx = ML + slot * (i + 0.5)
-        v = r["win_rate"] or 0.0
-        colour = "#bbbbbb" if r["diverged"] else "#4c78a8"
-        parts.append(f'<rect x="{cx - slot * 0.3:.1f}" y="{_y(v):.1f}" width="{slot * 0.6:.1f}" '
-                     f'height="{_y(0) - _y(v):.1f}" fill="{colour}"><title>{html.escape(r["label"])}: {v:.3f}</title></rect>')
-        parts.append(_whisker(cx, r["lo"], r["hi"]))
-        if r["oracle_win_rate"] is not None:
-            parts.append(f'<circle cx="{cx:.1f}" cy="{_y(r["oracle_win_rate"]):.1f}" r="4" fill="#f58518">'
-                         f'<title>oracle win {r["oracle_win_rate"]:.3f}</title></circle>')
-        label = r["label"] + (" (diverged)" if r["diverged"] else "")
-        parts.append(f'<text x="{cx:.1f}" y="{H - MB + 12}" text-anchor="end" '
-                     f'transform="rotate(-35 {cx:.1f} {H - MB + 12})">{html.escape(label)}</text>')
-    parts.append(_ref_line(PARITY, "0.50 parity", "#666666"))
-    parts.append(_ref_line(bar, f"{bar:.2f} target", "#d62728"))
-    parts.append(f'<circle cx="{ML + 8}" cy="{LEGEND_Y}" r="4" fill="#f58518"/>'
-                 f'<text x="{ML + 16}" y="{LEGEND_Y + 4}">oracle win-rate (dot); bar: judge strict win-rate</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    def draw(fig: Any) -> None:
+        ax = _axes(fig, "Evaluation-judge win-rate vs the base (95% Wilson CI)", "strict win-rate")
+        x = range(len(rows))
+        ax.bar(x, [r["win_rate"] or 0.0 for r in rows], width=0.6,
+               color=[GREY if r["diverged"] else BLUE for r in rows], label="judge strict win-rate")
+        _whiskers(ax, rows, "lo", "hi")
+        _value_labels(ax, rows, "win_rate", above="hi")
+        oracle = [(i, r["oracle_win_rate"]) for i, r in enumerate(rows) if r["oracle_win_rate"] is not None]
+        if oracle:
+            ax.plot(*zip(*oracle), "o", color=ORANGE, label="oracle win-rate")
+        _reference_lines(ax, bar)
+        ax.set_xticks(x, [r["label"] + (" (diverged)" if r["diverged"] else "") for r in rows],
+                      rotation=35, ha="right", rotation_mode="anchor")
+        _legend(ax)
+
+    return render_svg("win_rate", draw)
 
 
 def svg_severity(rows: Sequence[Mapping[str, Any]], bar: float) -> str:
-    parts = _frame("Conditioner repair: win-rate and headroom vs severity", "rate")
-    slot = (W - ML - MR) / max(1, len(rows))
-    series = {"win_rate": ("#4c78a8", "repair win-rate"), "headroom": ("#54a24b", "clear-gap headroom")}
-    for key, (colour, _) in series.items():
-        pts = [(ML + slot * (i + 0.5), r[key]) for i, r in enumerate(rows) if r[key] is not None]
-        if pts:
-            parts.append('<polyline fill="none" stroke-width="2" stroke="%s" points="%s"/>'
-                         % (colour, " ".join(f"{x:.1f},{_y(v):.1f}" for x, v in pts)))
-            parts += [f'<circle cx="{x:.1f}" cy="{_y(v):.1f}" r="4" fill="{colour}"><title>{v:.3f}</title></circle>'
-                      for x, v in pts]
-    for i, r in enumerate(rows):
-        cx = ML + slot * (i + 0.5)
-        parts.append(_whisker(cx, r["lo"], r["hi"]))
-        parts.append(f'<text x="{cx:.1f}" y="{H - MB + 16}" text-anchor="middle">{html.escape(r["severity"])}</text>')
-    parts.append(_ref_line(PARITY, "0.50 parity", "#666666"))
-    parts.append(_ref_line(bar, f"{bar:.2f} target", "#d62728"))
-    for j, (colour, label) in enumerate(series.values()):
-        parts.append(f'<circle cx="{ML + 8 + 160 * j}" cy="{LEGEND_Y}" r="4" fill="{colour}"/>'
-                     f'<text x="{ML + 16 + 160 * j}" y="{LEGEND_Y + 4}">{html.escape(label)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    def draw(fig: Any) -> None:
+        ax = _axes(fig, "Conditioner repair: win-rate and headroom vs severity", "rate")
+        for key, colour, label in (("win_rate", BLUE, "repair win-rate"), ("headroom", GREEN, "clear-gap headroom")):
+            pts = [(i, r[key]) for i, r in enumerate(rows) if r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=colour, linewidth=2, label=label)
+        _whiskers(ax, rows, "lo", "hi")
+        _value_labels(ax, rows, "win_rate", above="hi")
+        _value_labels(ax, rows, "headroom", colour=GREEN)
+        _reference_lines(ax, bar)
+        ax.set_xticks(range(len(rows)), [r["severity"] for r in rows])
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        _legend(ax)
+
+    return render_svg("severity", draw)
 
 
 def svg_flip_gap(rows: Sequence[Mapping[str, Any]]) -> str:
-    parts = _frame("Flip rate vs oracle quality gap (arm-vs-base pairs, all arms)", "flip rate")
-    slot = (W - ML - MR) / max(1, len(rows))
-    for i, r in enumerate(rows):
-        cx = ML + slot * (i + 0.5)
-        if r["flip_rate"] is not None:
-            v = r["flip_rate"]
-            parts.append(f'<rect x="{cx - slot * 0.3:.1f}" y="{_y(v):.1f}" width="{slot * 0.6:.1f}" '
-                         f'height="{_y(0) - _y(v):.1f}" fill="#72b7b2"><title>{v:.3f} (n={r["n"]})</title></rect>')
-            parts.append(_whisker(cx, r["flip_rate_lo"], r["flip_rate_hi"]))
-        parts.append(f'<text x="{cx:.1f}" y="{H - MB + 16}" text-anchor="middle">{html.escape(r["bin"])}</text>')
-        parts.append(f'<text x="{cx:.1f}" y="{H - MB + 30}" text-anchor="middle" fill="#666">n={r["n"]}</text>')
-    parts.append(f'<text x="{(ML + W - MR) / 2:.0f}" y="{H - MB + 48}" text-anchor="middle">'
-                 '|oracle score(arm) − oracle score(base)|</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    def draw(fig: Any) -> None:
+        ax = _axes(fig, "Flip rate vs oracle quality gap (arm-vs-base pairs, all arms)", "flip rate")
+        ax.bar(range(len(rows)), [r["flip_rate"] or 0.0 for r in rows], width=0.6, color=TEAL)
+        _whiskers(ax, rows, "flip_rate_lo", "flip_rate_hi")
+        _value_labels(ax, rows, "flip_rate", above="flip_rate_hi")
+        ax.set_xticks(range(len(rows)), [f"{r['bin']}\nn={r['n']}" for r in rows])
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_xlabel("|oracle score(arm) − oracle score(base)|")
+
+    return render_svg("flip_gap", draw)

@@ -11,13 +11,13 @@ same text and compares it byte for byte. Rules the tables keep:
 from __future__ import annotations
 
 import html
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from judge3d.report.arm_metrics import SEVERITIES, ReportSettings, field
+from judge3d.report.arm_metrics import ReportSettings, field
+from judge3d.world.degrade import SEVERITIES
 
 # Where each calibration number lives in metrics/calibration.json (dotted paths).
 CALIBRATION_FIELDS = {
@@ -120,11 +120,6 @@ def html_table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, justify="left", escape=True)
 
 
-def _html_paragraph(text: str) -> str:
-    cls = ' class="unreliable"' if text.startswith("**UNRELIABLE**") else ""
-    return f"<p{cls}>" + re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text)) + "</p>"
-
-
 def _csv_text(header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
     return csv_text(frame(header, rows))
 
@@ -134,13 +129,15 @@ class Table:
     """One report table and the lines around it. ``display`` holds the formatted cells (markdown and
     HTML); ``data`` the raw values, one column per CSV field (None: the table has no CSV form)."""
     title: str
-    status: str                 # the calibration line under the title
+    status: str                 # the calibration line under the title, plain text
     display: pd.DataFrame
     note: str = ""
     data: pd.DataFrame | None = None
+    unreliable: bool = False    # a calibration control failed: the status leads with a bold UNRELIABLE
 
     def markdown(self) -> str:
-        text = f"# {self.title}\n\n{self.status}\n\n{markdown_table(self.display)}"
+        status = f"**UNRELIABLE**: {self.status}" if self.unreliable else self.status
+        text = f"# {self.title}\n\n{status}\n\n{markdown_table(self.display)}"
         return text + (f"\n{self.note}\n" if self.note else "")
 
     def csv(self) -> str:
@@ -150,15 +147,16 @@ class Table:
 
     def html(self) -> str:
         """The fragment under the page's section heading (which replaces the title)."""
-        parts = [_html_paragraph(self.status), html_table(self.display)]
-        return "\n".join(parts + ([_html_paragraph(self.note)] if self.note else []))
+        status = (f'<p class="unreliable"><strong>UNRELIABLE</strong>: {html.escape(self.status)}</p>'
+                  if self.unreliable else f"<p>{html.escape(self.status)}</p>")
+        parts = [status, html_table(self.display)]
+        return "\n".join(parts + ([f"<p>{html.escape(self.note)}</p>"] if self.note else []))
 
 
 def _banner(cal: Mapping[str, Any]) -> str:
     if cal["reliable"]:
         return "Calibration: both controls pass (see calibration.md)."
-    return ("**UNRELIABLE**: " + "; ".join(cal["failures"])
-            + ". Win-rates below cannot be read as true nulls or wins.")
+    return "; ".join(cal["failures"]) + ". Win-rates below cannot be read as true nulls or wins."
 
 
 def judge_win_text(m: Mapping[str, Any]) -> str:
@@ -234,12 +232,12 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], s
         m = arms[name]
         score = m["geom"]["score"]
         ow = m["oracle_win"]
-        md_rows.append([f"{m['display']} ({spec.adapts})", spec.regime_label, judge_win_text(m),
+        md_rows.append([f"{m['display']} ({spec.adapts_label})", spec.regime_label, judge_win_text(m),
                         fmt_ci(m["strict_wilson_ci"]), fmt_ci(m["strict_boot_ci"]), wlf_text(m),
                         fmt(m["flip_rate"]), geom_text(score), f"{fmt(ow['rate'])} ({ow['ties']})", probe_text(m),
                         meets_text(m, cal["reliable"])])
         csv_rows.append({
-            "arm": name, "intervention": m["display"], "adapts": spec.adapts, "regime": spec.regime, "n": m["n"],
+            "arm": name, "intervention": m["display"], "adapts": spec.adapts_label, "regime": spec.regime, "n": m["n"],
             "W": m["W"], "L": m["L"], "F": m["F"], "judge_win": m["strict"],
             "judge_win_wilson_lo": m["strict_wilson_ci"][0], "judge_win_wilson_hi": m["strict_wilson_ci"][1],
             "judge_win_boot_lo": m["strict_boot_ci"][0], "judge_win_boot_hi": m["strict_boot_ci"][1],
@@ -259,6 +257,7 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], s
     n_text = sorted({m["n"] for m in arms.values()})
     return Table(
         title="Study table: evaluation-judge win-rate of each arm against the base", status=_banner(cal),
+        unreliable=not cal["reliable"],
         display=frame(header, md_rows), data=frame(STUDY_CSV, csv_rows),
         note=f"Judge win = strict win-rate W/n (swap-consistent wins of the arm), n = {', '.join(map(str, n_text))} "
             "held-out objects; CIs are 95 % (Wilson; bootstrap over objects). Geom Δ = mean arm − base oracle score "
@@ -301,6 +300,7 @@ def severity_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any]
                          "calibration_reliable": cal["reliable"]})
     return Table(
         title="Severity table: conditioner repair across degradation severity", status=_banner(cal),
+        unreliable=not cal["reliable"],
         display=frame(header, md_rows), data=frame(SEVERITY_CSV, csv_rows),
         note="Clear-gap (headroom) = the evaluation judge's strict win of the base on the clean input over the base "
              "on the input degraded at that severity: how much a repair could win back.")
@@ -325,8 +325,8 @@ def calibration_block(cal: Mapping[str, Any]) -> Table:
                          f"{fmt(h.get('strict'))} {fmt_ci(h.get('strict_wilson_ci'))}", "info", "info"])
     if cal.get("kappa") is not None:
         rows.append(["inter-judge agreement", "Cohen's κ", f"{fmt(cal['kappa'])} {fmt_ci(cal['kappa_ci'])}", "info", "info"])
-    status = "RELIABLE: both controls pass." if cal["reliable"] else "**UNRELIABLE**: " + "; ".join(cal["failures"]) + "."
-    return Table(title="Calibration of the evaluation judge", status=status,
+    status = "RELIABLE: both controls pass." if cal["reliable"] else "; ".join(cal["failures"]) + "."
+    return Table(title="Calibration of the evaluation judge", status=status, unreliable=not cal["reliable"],
                  display=frame(["control", "statistic", "value [95% CI]", "criterion", "result"], rows))
 
 

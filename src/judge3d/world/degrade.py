@@ -14,7 +14,9 @@ from scipy import ndimage
 
 from judge3d.core.config import ParamsError, require
 
+# The one list of input severities (mild -> severe); every other layer imports it from here.
 SEVERITIES = ("mild", "medium", "severe")
+REGIMES = ("clean", *SEVERITIES)              # the input regimes: clean or one severity
 OCCLUSION_FILLS = ("background", "grey")
 GREY = 128
 
@@ -27,6 +29,12 @@ _SPEC: dict[str, tuple[type, Any, str]] = {
     "occlusion_frac": (float, lambda v: 0.0 <= v <= 0.9, "fraction of the object's pixels hidden, 0..0.9"),
 }
 _OPTIONAL = {"occlusion_fill": "grey"}
+
+
+def require_severities(params: Mapping[str, Any], dotted: str) -> list[str]:
+    """A params list of severities (e.g. ``calibrate.severities``), each one of :data:`SEVERITIES`."""
+    return require(params, dotted, list, check=lambda v: all(s in SEVERITIES for s in v),
+                   hint=f"A list of severities from {', '.join(SEVERITIES)}.")
 
 
 def validate_spec(spec: Mapping[str, Any], where: str = "degradations.<severity>") -> dict[str, Any]:
