@@ -6,7 +6,8 @@ from pathlib import Path
 import yaml
 
 from judge3d.core.config import load_params
-from judge3d.pipeline.dvcgen import ARM_STAGES, arm_stage_bodies, import_closure, missing_code_deps, missing_report_params
+from judge3d.pipeline.dvcgen import (ARM_STAGES, arm_stage_bodies, extra_code_deps, import_closure, missing_code_deps,
+                                     missing_report_params)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,6 +17,19 @@ def test_every_stage_lists_its_import_closure():
     report = "\n".join(f"  {stage}: {' '.join(files)}" for stage, files in missing.items())
     assert not missing, ("dvc.yaml misses project modules its stages import (add them with "
                          f"`judge3d dvc-deps --write`):\n{report}")
+
+
+def test_no_stage_lists_code_it_does_not_load():
+    """Deps are the exact closure: a module a stage no longer imports would rerun it for nothing."""
+    extra = extra_code_deps(REPO / "dvc.yaml")
+    assert not extra, f"dvc.yaml lists code its stages do not load (`judge3d dvc-deps --write` drops it): {extra}"
+
+
+def test_a_stage_that_renders_depends_on_the_shaders():
+    """Package data read at run time counts as code: the montage renderer loads its GLSL files."""
+    closure = {p.as_posix() for p in import_closure("stages/render.py", REPO)}
+    assert "src/judge3d/render/shaders" in closure
+    assert "src/judge3d/render/shaders" not in {p.as_posix() for p in import_closure("stages/calibrate.py", REPO)}
 
 
 def test_closure_follows_lazy_and_transitive_imports():

@@ -72,18 +72,22 @@ def main(argv: list[str] | None = None) -> int:
             print("verify: every number in metrics/ matches the raw logs")
             return 0
         if args.command == "dvc-deps":
-            from judge3d.pipeline.dvcgen import missing_code_deps, write_arm_stanzas, write_missing_code_deps
+            from judge3d.pipeline.dvcgen import (extra_code_deps, missing_code_deps, remove_extra_code_deps,
+                                                 write_arm_stanzas, write_missing_code_deps)
 
             if args.write:
                 params = load_params(Path(args.dvc_yaml).parent / PARAMS_FILE)
                 for stage in write_arm_stanzas(args.dvc_yaml, params):
                     print(f"{stage}: regenerated from the arm registry")
             missing = write_missing_code_deps(args.dvc_yaml) if args.write else missing_code_deps(args.dvc_yaml)
+            extra = remove_extra_code_deps(args.dvc_yaml) if args.write else extra_code_deps(args.dvc_yaml)
             for stage, files in missing.items():
                 print(f"{stage}: {'added' if args.write else 'missing'} {' '.join(files)}")
-            if not missing:
-                print(f"dvc-deps: every stage lists every project module it imports ({args.dvc_yaml})")
-            return 1 if missing and not args.write else 0
+            for stage, files in extra.items():
+                print(f"{stage}: {'removed' if args.write else 'not imported'} {' '.join(files)}")
+            if not missing and not extra:
+                print(f"dvc-deps: every stage lists exactly the project modules it imports ({args.dvc_yaml})")
+            return 1 if (missing or extra) and not args.write else 0
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 PACKAGE = "judge3d"
+# Modules that read files of their package at run time (package data in pyproject.toml): a stage
+# that imports one also depends on those files.
+DATA_READ_BY = {"src/judge3d/render/montage.py": "src/judge3d/render/shaders"}
 _STAGE_CMD = re.compile(r"python3?\s+(stages/\S+\.py)")
 
 
@@ -50,7 +53,8 @@ def _imported_modules(path: Path, package: str) -> set[str]:
 
 def import_closure(script: str | Path, repo: str | Path = ".") -> set[Path]:
     """The project files ``script`` loads: ``src/judge3d/**`` modules (with every package
-    ``__init__`` on the way) and helper modules of ``stages/``, relative to ``repo``."""
+    ``__init__`` on the way), the data folders they read (``DATA_READ_BY``) and helper modules of
+    ``stages/``, relative to ``repo``."""
     repo = Path(repo).resolve()
     src, stages_dir = repo / "src", repo / "stages"
     script = (repo / script).resolve()
@@ -74,6 +78,7 @@ def import_closure(script: str | Path, repo: str | Path = ".") -> set[Path]:
                 if found is not None and found not in files:
                     files.add(found)
                     todo.append((found, name if found.name == "__init__.py" else ".".join(parts[: i - 1])))
+    files |= {repo / data for module, data in DATA_READ_BY.items() if repo / module in files}
     return {f.relative_to(repo) for f in files}
 
 
@@ -108,20 +113,64 @@ def missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]
     return out
 
 
-def write_missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
-    """Add each stage's missing code deps to dvc.yaml in place, after its last code dep; comments and
-    layout are kept (ruamel round trip, the YAML library DVC itself uses). Returns what was added."""
-    from ruamel.yaml import YAML
+def extra_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
+    """stage name -> code deps (``src/``, ``stages/``) its script no longer loads: each reruns the
+    stage for a change that cannot affect it."""
+    import yaml
 
     dvc_yaml = Path(dvc_yaml)
-    missing = missing_code_deps(dvc_yaml)
-    if not missing:
+    repo = dvc_yaml.resolve().parent
+    doc = yaml.safe_load(dvc_yaml.read_text()) or {}
+    out: dict[str, list[str]] = {}
+    for name, stage in (doc.get("stages") or {}).items():
+        body = stage.get("do", stage)
+        script = stage_script(body)
+        if script is None:
+            continue
+        closure = {p.as_posix() for p in import_closure(script, repo)}
+        extra = [str(d) for d in body.get("deps") or []
+                 if str(d).startswith(("src/", "stages/")) and str(d).rstrip("/") not in closure]
+        if extra:
+            out[name] = extra
+    return out
+
+
+def remove_extra_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
+    """Drop each stage's :func:`extra_code_deps` from dvc.yaml in place (comments kept)."""
+    extra = extra_code_deps(dvc_yaml)
+    if not extra:
         return {}
+    dvc_yaml = Path(dvc_yaml)
+    rt, doc = _round_trip(dvc_yaml)
+    for name, files in extra.items():
+        body = doc["stages"][name]
+        deps = body.get("do", body)["deps"]
+        for rel in files:
+            deps.remove(rel)
+    with dvc_yaml.open("w") as fh:
+        rt.dump(doc, fh)
+    return extra
+
+
+def _round_trip(dvc_yaml: Path):
+    """dvc.yaml loaded for editing with its comments and layout (ruamel, the YAML library DVC uses)."""
+    from ruamel.yaml import YAML
+
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096
     rt.indent(mapping=2, sequence=4, offset=2)
-    doc = rt.load(dvc_yaml.read_text())
+    return rt, rt.load(dvc_yaml.read_text())
+
+
+def write_missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
+    """Add each stage's missing code deps to dvc.yaml in place, after its last code dep; comments and
+    layout are kept (ruamel round trip, the YAML library DVC itself uses). Returns what was added."""
+    dvc_yaml = Path(dvc_yaml)
+    missing = missing_code_deps(dvc_yaml)
+    if not missing:
+        return {}
+    rt, doc = _round_trip(dvc_yaml)
     for name, files in missing.items():
         body = doc["stages"][name]
         body = body.get("do", body)
@@ -141,8 +190,6 @@ def write_missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list
 # DVC cannot splice a list into `params:`/`deps:`, so each foreach item carries its own keys in a
 # fixed number of slots (`${item.params[i]}`), padded by repeating one of them (DVC accepts duplicates).
 ARM_STAGES = ("train-adapter", "judge-eval", "arm-metrics")
-TRAIN_ADAPTER_FOLDERS = ("src/judge3d/adapt", "src/judge3d/generators")
-JUDGE_EVAL_FOLDERS = ("src/judge3d/adapt", "src/judge3d/generators", "src/judge3d/render")
 JUDGE_EVAL_PARAMS = ("seed", "sampler", "geometry", "render", "judge", "judges.eval.model", "arm_eval",
                      "generate.batch_size")
 EVAL_JUDGE_DIR = "models/judges/eval"
@@ -150,12 +197,10 @@ ARM_METRICS_PARAMS = ("report.bar", "report.n_boot", "report.seed", "report.keys
 REPORT_STAGE = "report"
 
 
-def code_deps(script: str, folders: tuple[str, ...] = (), repo: str | Path = ".") -> tuple[str, ...]:
-    """A stage's code deps: its script's whole import closure, with the packages it is mostly made
-    of listed as folders."""
-    files = sorted(p.as_posix() for p in import_closure(script, repo))
-    rest = [f for f in files if not any(f.startswith(folder + "/") for folder in folders)]
-    return (*folders, *rest)
+def code_deps(script: str, repo: str | Path = ".") -> tuple[str, ...]:
+    """A stage's code deps: its script's whole import closure, file by file (a whole package folder
+    would also rerun the stage for a module it never imports)."""
+    return tuple(sorted(p.as_posix() for p in import_closure(script, repo)))
 
 
 def covers(listed: Iterable[str], key: str) -> bool:
@@ -192,20 +237,20 @@ def arm_stage_bodies(params: dict[str, Any], inputs: Any = None, repo: str | Pat
             "foreach": {s.arm: {"params": train_keys[s.arm], "deps": train_data[s.arm]} for s in specs},
             "do": {"cmd": "python stages/train_adapter.py --arm ${key}",
                    "params": _refs("params", n_keys),
-                   "deps": [*code_deps("stages/train_adapter.py", TRAIN_ADAPTER_FOLDERS, repo), inputs.base, world_dir,
+                   "deps": [*code_deps("stages/train_adapter.py", repo), inputs.base, world_dir,
                             *_refs("deps", n_data)],
                    "outs": [at.model_dir.as_posix(), at.train_metrics.as_posix(), at.live_dir.as_posix()]}},
         "judge-eval": {
             "foreach": {s.arm: {"regime": s.regime, "params": eval_keys[s.arm]} for s in specs},
             "do": {"cmd": "python stages/judge_eval.py --arm ${key}",
-                   "deps": [*code_deps("stages/judge_eval.py", JUDGE_EVAL_FOLDERS, repo), inputs.base,
+                   "deps": [*code_deps("stages/judge_eval.py", repo), inputs.base,
                             at.model_dir.as_posix(), EVAL_JUDGE_DIR, at.base_montages.parent.as_posix()],
                    "params": [*JUDGE_EVAL_PARAMS, *_refs("params", n_eval)],
                    "outs": [at.eval_dir.as_posix()]}},
         "arm-metrics": {
             "foreach": {s.arm: {"regime": s.regime, "params": label_keys[s.arm]} for s in specs},
             "do": {"cmd": "python stages/arm_metrics.py --arm ${key}",
-                   "deps": [*code_deps("stages/arm_metrics.py", (), repo), at.eval_dir.as_posix(),
+                   "deps": [*code_deps("stages/arm_metrics.py", repo), at.eval_dir.as_posix(),
                             at.train_metrics.as_posix(), at.base_manifest.as_posix()],
                    "params": [*ARM_METRICS_PARAMS, *_refs("params", n_labels)],
                    "metrics": [{at.metrics.as_posix(): {"cache": False}}]}},
@@ -251,13 +296,7 @@ def write_arm_stanzas(dvc_yaml: str | Path, params: dict[str, Any]) -> list[str]
     dvc_yaml.write_text(text)
     missing = missing_report_params(dvc_yaml, params)
     if missing:
-        from ruamel.yaml import YAML
-
-        rt = YAML()
-        rt.preserve_quotes = True
-        rt.width = 4096
-        rt.indent(mapping=2, sequence=4, offset=2)
-        doc = rt.load(dvc_yaml.read_text())
+        rt, doc = _round_trip(dvc_yaml)
         doc["stages"][REPORT_STAGE]["params"].extend(missing)
         with dvc_yaml.open("w") as fh:
             rt.dump(doc, fh)
