@@ -37,10 +37,12 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_DEBS) >/dev/null) \
 	  || echo "chromium not installed: the HTML-report browser test will be skipped"; }
 
+# dev: the test tools; trellis-cpu: spconv's CPU build and the small packages TRELLIS's model code
+# imports, so the TRELLIS backend tests run on a CPU-only machine (they skip without TRELLIS source).
 $(STAMP):
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,trellis-cpu]'
 	@touch $(STAMP)
 
 repro: setup
