@@ -38,17 +38,7 @@ FAST = {SS: StageSampler(steps=2, cfg_strength=0.0), SLAT: StageSampler(steps=2,
 
 @pytest.fixture(scope="module")
 def trellis():
-    stand_ins.install()
-    from judge3d.generators.trellis_import import import_trellis
-
-    modules = import_trellis()
-    stand_ins.mesh_extractor_on_cpu(modules)
-    stand_ins.spconv_bias_on_cpu()
-    stand_ins.spconv_backward_on_cpu()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)       # the tiny models' ops take milliseconds; one thread is faster here
-    yield modules
-    torch.set_num_threads(threads)
+    yield from stand_ins.cpu_trellis()
 
 
 @pytest.fixture(scope="module")

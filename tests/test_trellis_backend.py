@@ -28,17 +28,7 @@ FAST = {SS_STAGE: StageSampler(steps=3, cfg_strength=5.0, cfg_interval=(0.5, 1.0
 
 @pytest.fixture(scope="module")
 def trellis():
-    stand_ins.install()
-    from judge3d.generators.trellis_import import import_trellis
-
-    modules = import_trellis()
-    stand_ins.mesh_extractor_on_cpu(modules)
-    stand_ins.spconv_bias_on_cpu()
-    # The tiny models' ops are a few ms each: one thread avoids waiting on a busy second core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield modules
-    torch.set_num_threads(threads)
+    yield from stand_ins.cpu_trellis()
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,22 @@ def spconv_backward_on_cpu() -> None:
 
     if not torch.cuda.is_available():
         spconv_ops.get_current_stream = lambda: 0
+
+
+def cpu_trellis():
+    """TRELLIS's modules ready for the tests on a CPU: every stand-in above installed, the tiny models'
+    ops on one thread (each takes milliseconds; a second thread only waits on a busy core). A
+    generator: the thread count is restored when it closes (a module-scoped pytest fixture)."""
+    install()
+    from judge3d.generators.trellis_import import import_trellis
+
+    modules = import_trellis()
+    mesh_extractor_on_cpu(modules)
+    spconv_bias_on_cpu()
+    spconv_backward_on_cpu()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield modules
+    finally:
+        torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 PACKAGE = "judge3d"
 # Modules that read files of their package at run time (package data in pyproject.toml): a stage
@@ -93,21 +93,25 @@ def stage_script(body: dict[str, Any]) -> str | None:
     return match.group(1) if match else None
 
 
-def missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
-    """stage name -> project files its script imports that its ``deps`` do not cover (sorted)."""
+def _stage_closures(dvc_yaml: str | Path) -> Iterator[tuple[str, list[str], set[str]]]:
+    """(stage name, its deps, its script's import closure) for every stage that runs a stage script."""
     import yaml
 
     dvc_yaml = Path(dvc_yaml)
     repo = dvc_yaml.resolve().parent
     doc = yaml.safe_load(dvc_yaml.read_text()) or {}
-    out: dict[str, list[str]] = {}
     for name, stage in (doc.get("stages") or {}).items():
         body = stage.get("do", stage)
         script = stage_script(body)
-        if script is None:
-            continue
-        deps = [str(d) for d in body.get("deps") or []]
-        missing = sorted(p.as_posix() for p in import_closure(script, repo) if not _covered(p.as_posix(), deps))
+        if script is not None:
+            yield name, [str(d) for d in body.get("deps") or []], {p.as_posix() for p in import_closure(script, repo)}
+
+
+def missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
+    """stage name -> project files its script imports that its ``deps`` do not cover (sorted)."""
+    out: dict[str, list[str]] = {}
+    for name, deps, closure in _stage_closures(dvc_yaml):
+        missing = sorted(f for f in closure if not _covered(f, deps))
         if missing:
             out[name] = missing
     return out
@@ -116,20 +120,9 @@ def missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]
 def extra_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
     """stage name -> code deps (``src/``, ``stages/``) its script no longer loads: each reruns the
     stage for a change that cannot affect it."""
-    import yaml
-
-    dvc_yaml = Path(dvc_yaml)
-    repo = dvc_yaml.resolve().parent
-    doc = yaml.safe_load(dvc_yaml.read_text()) or {}
     out: dict[str, list[str]] = {}
-    for name, stage in (doc.get("stages") or {}).items():
-        body = stage.get("do", stage)
-        script = stage_script(body)
-        if script is None:
-            continue
-        closure = {p.as_posix() for p in import_closure(script, repo)}
-        extra = [str(d) for d in body.get("deps") or []
-                 if str(d).startswith(("src/", "stages/")) and str(d).rstrip("/") not in closure]
+    for name, deps, closure in _stage_closures(dvc_yaml):
+        extra = [d for d in deps if d.startswith(("src/", "stages/")) and d.rstrip("/") not in closure]
         if extra:
             out[name] = extra
     return out
