@@ -9,6 +9,7 @@ import torch
 
 from judge3d.core.config import load_params, require
 from judge3d.generators import load_generator
+from judge3d.generators.base import params_device
 from judge3d.pipeline.mesh_sets import generate_set, plan_set
 from judge3d.core.io import read_jsonl
 
@@ -20,13 +21,13 @@ def main() -> None:
     ap.add_argument("--world", default="data/world/manifest.jsonl", help="world manifest (data stage)")
     ap.add_argument("--degraded-dir", default="data/degraded", help="degrade stage output root")
     ap.add_argument("--out-root", default="data/generated", help="sets go to <out-root>/<set>/")
-    ap.add_argument("--device", default="cpu", help="cpu (default, reproducible), cuda or auto")
+    ap.add_argument("--device", default=None, help="generator device (default: params base.device)")
     args = ap.parse_args()
     params = load_params()
     torch.set_num_threads(require(params, "generate.threads", int, check=lambda v: v > 0))
     batch = require(params, "generate.batch_size", int, check=lambda v: v > 0)
     jobs = plan_set(params, args.set, read_jsonl(args.world), args.degraded_dir)
-    gen = load_generator(args.model, device=args.device)
+    gen = load_generator(args.model, device=args.device or params_device(params))
     generate_set(gen, jobs, f"{args.out_root}/{args.set}", params, batch_size=batch, set_name=args.set)
 
 

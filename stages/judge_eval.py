@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--montages-dir", default="data/montages", help="holds heldout_<regime>/manifest.jsonl")
     parser.add_argument("--world", default="data/world/manifest.jsonl")
     parser.add_argument("--out-root", default="data/evals")
-    parser.add_argument("--device", default="cpu", help="generator device: cpu (default, reproducible), cuda, auto")
+    parser.add_argument("--device", default=None, help="generator device (default: params base.device)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from judge3d.pipeline.arm_eval import evaluate_arm
     from judge3d.core.config import load_params, require
     from judge3d.generators import load_generator
+    from judge3d.generators.base import params_device
     from judge3d.judges.protocol import summarize
     from judge3d.pipeline.judging import load_judge
     from judge3d.core.seeding import seed_everything
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     check_dvc_params(spec, stage="judge-eval", keys=spec.regime_keys)
     seed_everything(require(params, "seed", int))
     torch.set_num_threads(require(params, "generate.threads", int, check=lambda v: v > 0))
-    generator = load_generator(args.base_model, device=args.device)
+    generator = load_generator(args.base_model, device=args.device or params_device(params))
     cond_transform = apply_arm(generator, f"{args.arms_dir}/{args.arm}")
     regime = spec.regime
     rows = evaluate_arm(args.arm, generator=generator, cond_transform=cond_transform,

@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="adapter folder (default models/arms/<arm>)")
     ap.add_argument("--metrics", default=None, help="default data/arms/<arm>/train_metrics.json")
     ap.add_argument("--live-dir", default=None, help="default dvclive/train_adapter/<arm>")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--device", default=None, help="generator device (default: params base.device)")
     ap.add_argument("--print-params", action="store_true",
                     help="print the params keys this arm reads (its dvc.yaml `params:` list) and exit")
     args = ap.parse_args()
@@ -32,6 +32,7 @@ def main() -> None:
     from judge3d.adapt.train import run_arm
     from judge3d.core.config import load_params
     from judge3d.core.io import write_json
+    from judge3d.generators.base import params_device
 
     params = load_params()
     paths = ArmInputs(base=args.base, world=args.world, pairs=args.pairs, generated=args.generated,
@@ -50,7 +51,7 @@ def main() -> None:
 
     # The training loop logs step s at dvclive step s (judge3d.core.training), also after a resume.
     with open_live(live_dir) as live:
-        metrics = run_arm(params, args.arm, out, paths, live=live, device=args.device)
+        metrics = run_arm(params, args.arm, out, paths, live=live, device=args.device or params_device(params))
         # Wall times go to the dvclive summary and the log, not to train_metrics.json, which
         # arm-metrics reads: a forced rerun must leave everything downstream up to date.
         timing = {k: metrics.pop(k) for k in TIMING_KEYS if k in metrics}

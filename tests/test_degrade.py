@@ -78,3 +78,40 @@ def test_missing_key_and_missing_severity():
 def test_bad_image_is_a_clear_error():
     with pytest.raises(ValueError, match="uint8 RGB"):
         degrade(np.zeros((8, 8), np.uint8), severity_spec(PARAMS, "mild"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def cut_outs():
+    from judge3d.render import render_input_image
+    img = PARAMS["world"]["image"]
+    return [render_input_image(build_shape(c, 11), img["size"], img["azimuth_deg"], img["elevation_deg"],
+                               img["background"], alpha=True) for c in ("chair", "cabinet")]
+
+
+def test_rgba_degrades_the_colour_as_rgb_and_carries_the_cut_out(cut_outs):
+    no_occluder = {**severity_spec(PARAMS, "severe"), "occlusion_frac": 0.0}
+    for i, rgba in enumerate(cut_outs):
+        out = degrade(rgba, no_occluder, seed=i)
+        assert out.shape == rgba.shape and out.dtype == np.uint8
+        # Colour: the same bytes the RGB image gets (same draws, alpha takes none).
+        np.testing.assert_array_equal(out[..., :3], degrade(np.ascontiguousarray(rgba[..., :3]), no_occluder, seed=i))
+        # Alpha: blurred and resampled with the colour, so it softens but stays a cut-out.
+        alpha, clean = out[..., 3], rgba[..., 3]
+        assert alpha[0, 0] == 0 and alpha[clean == 255].mean() > 150 and alpha[clean == 0].mean() < 30
+        assert not np.array_equal(alpha, clean)
+        sharp = {**no_occluder, "downscale": 1.0, "blur_sigma": 0.0}
+        np.testing.assert_array_equal(degrade(rgba, sharp, seed=i)[..., 3], clean)  # noise and JPEG leave it alone
+
+
+def test_rgba_occluder_is_opaque(cut_outs):
+    rgba = cut_outs[1]
+    spec = {"downscale": 1.0, "blur_sigma": 0.0, "noise_std": 0.0, "jpeg_quality": 100,
+            "occlusion_frac": 0.3, "occlusion_fill": "grey"}
+    out = degrade(rgba, spec, seed=5)
+    assert out.shape == rgba.shape
+    grey = np.all(np.abs(out[..., :3].astype(int) - 128) <= 2, axis=2) & np.any(
+        np.abs(rgba[..., :3].astype(int) - 128) > 2, axis=2)
+    assert grey.sum() > 0.2 * (rgba[..., 3] > 0).sum()
+    assert np.all(out[..., 3][grey] == 255)
+    # The box reaches past the object's silhouette: there the occluder is opaque where the clean image was clear.
+    assert np.any(grey & (rgba[..., 3] == 0))

@@ -143,6 +143,17 @@ def test_tokens_are_parameter_free_layer_normed_and_negative_is_zero():
     assert not any(p.requires_grad for p in gen.conditioner.parameters())
 
 
+def test_mini_generator_refuses_rgba_inputs_naming_the_param():
+    gen = tiny_generator()
+    rgba = np.random.default_rng(0).integers(0, 256, size=(2, 16, 16, 4), dtype=np.uint8)
+    for batch in (rgba, list(rgba)):
+        with pytest.raises(ValueError, match=r"mini generator takes RGB.*world\.image\.alpha to false"):
+            gen.encode_images(batch)
+        with pytest.raises(ValueError, match="world.image.alpha"):
+            gen.conditioner_tokens(batch)  # the pretraining path
+    assert gen.encode_images(rgba[..., :3]).shape[0] == 2
+
+
 def test_seeds_reproduce_samples_and_batch_composition_does_not_matter():
     gen = tiny_generator()
     cond = gen.encode_images(images(3))

@@ -96,6 +96,8 @@ def test_show_prints_overrides_dvc_applies_as_the_profile(repo_copy, capsys):
     from dvc.utils.hydra import apply_overrides, to_hydra_overrides
 
     for name in OTHER_PROFILES:
+        # Each profile against the committed params.yaml (the previous iteration applied its own).
+        shutil.copy(REPO / "params.yaml", repo_copy / "params.yaml")
         assert cli.main(["profile", "show", name]) == 0
         words = _shell_words(capsys.readouterr().out)
         assert words[::2] == ["-S"] * (len(words) // 2)
@@ -130,3 +132,19 @@ def test_unknown_profile_key_is_an_error_that_names_it(repo_copy, capsys):
         assert cli.main(["profile", action, "typo"]) == 2
         assert "profiles/typo.yaml: unknown key(s) 'render.szie'" in capsys.readouterr().err
     assert (repo_copy / "params.yaml").read_bytes() == before
+
+
+def test_extends_merges_parents_first_and_refuses_a_cycle(repo_copy):
+    profiles = repo_copy / "profiles"
+    (profiles / "base1.yaml").write_text("render:\n  size: 96\njudge:\n  batch_size: 8\n")
+    (profiles / "child.yaml").write_text("extends: base1\nrender:\n  size: 64\n")
+    assert load_profile("child", profiles) == {"render": {"size": 64}, "judge": {"batch_size": 8}}
+    params = repo_copy / "params.yaml"
+    original = params.read_bytes()
+    after = apply_profile("child", params, profiles)
+    assert after["render"]["size"] == 64 and after["judge"]["batch_size"] == 8
+    apply_profile("mini", params, profiles)
+    assert params.read_bytes() == original
+    (profiles / "base1.yaml").write_text("extends: child\nrender:\n  size: 96\n")
+    with pytest.raises(ParamsError, match="extends itself"):
+        load_profile("child", profiles)

@@ -195,6 +195,20 @@ def test_input_image_is_shaded_centred_and_deterministic():
         render_input_image(None, 64, 35.0, 20.0, (255, 255, 255))
 
 
+def test_input_image_with_alpha_cuts_the_object_out_and_keeps_its_rgb():
+    mesh = trimesh.creation.box((0.6, 0.4, 0.5))
+    rgb = render_input_image(mesh, 64, 35.0, 20.0, (255, 255, 255))
+    rgba = render_input_image(mesh, 64, 35.0, 20.0, (255, 255, 255), alpha=True)
+    assert rgba.shape == (64, 64, 4) and rgba.dtype == np.uint8
+    np.testing.assert_array_equal(rgba[..., :3], rgb)
+    alpha = rgba[..., 3]
+    assert alpha[0, 0] == alpha[0, -1] == alpha[-1, 0] == alpha[-1, -1] == 0
+    assert alpha[32, 32] == 255
+    # Opaque where the object covers the pixel, clear where the background shows; between only on edges.
+    fg = np.any(rgb != 255, axis=-1)
+    assert np.all(alpha[~fg] < 255) and (alpha[fg] == 255).mean() > 0.8 and np.all(alpha[fg] > 0)
+
+
 def _load_mesh_fallback(path):
     """Used only until judge3d.world.geometry.load_mesh exists."""
     path = Path(path)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import trimesh
+from PIL import Image
 
-from judge3d.core.config import load_params
+from judge3d.core.config import ParamsError, load_params
 from judge3d.core.io import file_sha256, read_jsonl
 from judge3d.pipeline.world import build_world_files
-from judge3d.world.dataset import SPLITS, build_world, degrade_world, plan_objects, WorldConfig
+from judge3d.world.dataset import SPLITS, build_world, degrade_world, load_image, plan_objects, WorldConfig
 from judge3d.world.geometry import load_mesh, soft_iou
 from judge3d.world.shapes import CATEGORIES, ShapeError, build_shape
 from judge3d.world.voxel import grid_centres, occupancy_to_mesh, points_inside, voxelize
@@ -152,11 +153,11 @@ def test_build_world_tiny_is_disjoint_deterministic_and_resumable(tmp_path):
     from judge3d.render import render_input_image
     calls = []
 
-    def render_then_die(*args):
+    def render_then_die(*args, **kwargs):
         if len(calls) == 5:
             raise KeyboardInterrupt("simulated kill")
         calls.append(1)
-        return render_input_image(*args)
+        return render_input_image(*args, **kwargs)
 
     out = tmp_path / "c" / "world"
     with pytest.raises(KeyboardInterrupt):
@@ -164,9 +165,9 @@ def test_build_world_tiny_is_disjoint_deterministic_and_resumable(tmp_path):
     assert (out / "manifest.partial.jsonl").is_file() and not (out / "manifest.jsonl").exists()
     resumed_calls = []
 
-    def counting_render(*args):
+    def counting_render(*args, **kwargs):
         resumed_calls.append(1)
-        return render_input_image(*args)
+        return render_input_image(*args, **kwargs)
 
     resumed = build_world(params, out, root=tmp_path, progress=False, render_fn=counting_render)
     assert len(resumed_calls) == len(rows) - 5
@@ -184,3 +185,36 @@ def test_degrade_world_only_listed_splits(tmp_path):
     for r in rows:
         assert (tmp_path / r["image_path"]).is_file() and r["severity"] == "medium" and r["mse_vs_clean"] > 0
     assert read_jsonl(tmp_path / "deg" / "medium" / "manifest.jsonl") == rows
+
+
+def test_load_image_keeps_alpha_when_the_file_has_it(tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(8, 6, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), rgba)
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb.png"), rgba[..., :3])
+    # A palette image with a transparent index is a cut-out too.
+    palette = Image.fromarray(rgba[..., 0] % 4, "L").convert("P")
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "p.png")
+    loaded = load_image(tmp_path / "p.png")
+    assert loaded.shape == (8, 6, 4) and set(np.unique(loaded[..., 3])) == {0, 255}
+
+
+def test_world_with_alpha_writes_rgba_cut_outs_and_degrades_them(tmp_path):
+    params = _tiny_params(1)
+    params["world"] = {**params["world"], "image": {**params["world"]["image"], "alpha": True}}
+    rows = build_world_files(params, tmp_path / "world", root=tmp_path, progress=False)
+    for r in rows:
+        with Image.open(tmp_path / r["image_path"]) as im:
+            assert im.mode == "RGBA"
+        image = load_image(tmp_path / r["image_path"])
+        assert image.shape == (64, 64, 4) and image[0, 0, 3] == 0 and (image[..., 3] == 255).any()
+    degraded = degrade_world(params, "severe", tmp_path / "world" / "manifest.jsonl", tmp_path / "deg",
+                             root=tmp_path, progress=False)
+    for r in degraded:
+        assert load_image(tmp_path / r["image_path"]).shape == (64, 64, 4)
+    params["world"]["image"]["alpha"] = "yes"
+    with pytest.raises(ParamsError, match="world.image.alpha"):
+        WorldConfig.from_params(params)

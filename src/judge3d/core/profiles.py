@@ -35,14 +35,40 @@ def profile_path(name: str, profiles_dir: str | Path = PROFILES_DIR) -> Path:
     return path
 
 
-def load_profile(name: str, profiles_dir: str | Path = PROFILES_DIR) -> dict[str, Any]:
-    """The profile's overrides; a repeated or unknown key is a ParamsError (it would be ignored)."""
+EXTENDS = "extends"   # a profile's top-level key naming the profile(s) it builds on, applied first
+
+
+def _read_profile(name: str, profiles_dir: str | Path) -> tuple[list[str], dict[str, Any]]:
+    """The profiles ``name`` extends, and its own overrides."""
     path = profile_path(name, profiles_dir)
     profile = load_yaml(path) or {}
     if not isinstance(profile, dict):
         raise ParamsError(f"{path} must hold a mapping at top level, got {type(profile).__name__}.")
+    parents = profile.pop(EXTENDS, [])
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ParamsError(f"{path}: '{EXTENDS}' must name a profile or a list of profiles, got {parents!r}")
     check_known_keys(profile, str(path))
-    return profile
+    return parents, profile
+
+
+def _lineage(name: str, profiles_dir: str | Path, seen: tuple[str, ...] = ()) -> list[str]:
+    """``name`` and every profile it extends, parents first (each once)."""
+    if name in seen:
+        raise ParamsError(f"profile '{name}' extends itself (through {' -> '.join(seen + (name,))})")
+    order: list[str] = []
+    for parent in _read_profile(name, profiles_dir)[0]:
+        order += [p for p in _lineage(parent, profiles_dir, seen + (name,)) if p not in order]
+    return order + [name]
+
+
+def load_profile(name: str, profiles_dir: str | Path = PROFILES_DIR) -> dict[str, Any]:
+    """The profile's overrides, over those of the profiles it ``extends`` (in order, parents first);
+    a repeated or unknown key is a ParamsError (it would be ignored)."""
+    merged: dict[str, Any] = {}
+    for member in _lineage(name, profiles_dir):
+        merged = deep_merge(merged, _read_profile(member, profiles_dir)[1])
+    return merged
 
 
 def leaves(node: Mapping[str, Any], prefix: Leaf = ()) -> dict[Leaf, Any]:
@@ -177,6 +203,18 @@ def _after_line(text: str, index: int) -> int:
     return len(text) if end < 0 else end + 1
 
 
+def _profile_sources(name: str, profiles_dir: Path) -> dict[Leaf, _Source]:
+    """Every leaf's text over the profile's lineage: a later profile's leaf replaces an earlier one's,
+    and any earlier leaf inside or above it (as :func:`deep_merge` replaces a value)."""
+    out: dict[Leaf, _Source] = {}
+    for member in _lineage(name, profiles_dir):
+        own = _sources(profile_path(member, profiles_dir))
+        for leaf in own:
+            out = {k: v for k, v in out.items() if k[:len(leaf)] != leaf and leaf[:len(k)] != k}
+        out.update(own)
+    return out
+
+
 def _sources(path: Path) -> dict[Leaf, _Source]:
     text = path.read_text()
     root = yaml.compose(text)
@@ -185,6 +223,8 @@ def _sources(path: Path) -> dict[Leaf, _Source]:
     def walk(node: Node, prefix: Leaf) -> None:
         for key_node, value_node in node.value:
             leaf = prefix + (key_node.value,)
+            if leaf == (EXTENDS,):
+                continue
             if isinstance(value_node, MappingNode) and value_node.value:
                 walk(value_node, leaf)
             else:
@@ -250,7 +290,7 @@ def apply_profile(name: str, params_path: str | Path = PARAMS_FILE,
     """
     params_path, profiles_dir = Path(params_path), Path(profiles_dir)
     profile = load_profile(name, profiles_dir)
-    sources = _sources(profile_path(name, profiles_dir))
+    sources = _profile_sources(name, profiles_dir)
     removals: list[Leaf] = []
     if name == DEFAULT_PROFILE:
         others = set().union(*(leaves(load_profile(p.stem, profiles_dir)) for p in profiles_dir.glob("*.yaml")))

@@ -1,4 +1,4 @@
-"""Image-to-3D generators behind one interface (:class:`Generator`): the mini-world model, later TRELLIS."""
+"""Image-to-3D generators behind one interface (:class:`Generator`): the mini-world model and TRELLIS-image."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,4 +15,7 @@ def load_generator(path: str | Path, device: str = "auto") -> Generator:
     if backend == "mini":
         from judge3d.generators.mini import MiniGenerator
         return MiniGenerator.load(path, device=device)
-    raise ValueError(f"{Path(path) / 'config.json'}: unknown generator backend {backend!r} (known: 'mini')")
+    if backend == "trellis":
+        from judge3d.generators.trellis import TrellisGenerator
+        return TrellisGenerator.load(path, device=device)
+    raise ValueError(f"{Path(path) / 'config.json'}: unknown generator backend {backend!r} (known: 'mini', 'trellis')")

@@ -18,6 +18,7 @@ and a decoder:
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,6 +33,17 @@ from judge3d.generators.stages import FlowStage, Latent, StageSampler
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_KEY = "weights"     # config.json key listing a multi-file model's weight files
+
+
+DEVICE_KEY = "base.device"   # params: where the generator samples and the arms train
+
+
+def params_device(params: Mapping[str, Any]) -> str:
+    """``base.device``: cpu (the reproducible default), cuda, cuda:<n> or auto."""
+    from judge3d.core.config import require
+
+    return require(params, DEVICE_KEY, str, check=lambda v: v in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", v),
+                   hint="cpu (reproducible), cuda, cuda:<n> or auto")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,7 +64,8 @@ def weight_files(path: str | Path, config: Mapping[str, Any]) -> list[Path]:
     """The weight files of a model folder: those its config lists under ``weights`` (a multi-file
     model such as TRELLIS's, one file per network), else the single model.safetensors."""
     names = config.get(WEIGHTS_KEY, [WEIGHTS_NAME])
-    if (not isinstance(names, list) or not names
+    # An empty list: the backend's own loader checks its files (TRELLIS: a pipeline folder it names).
+    if (not isinstance(names, list)
             or not all(isinstance(n, str) and n and Path(n).name == n for n in names)):
         raise ModelFileError(f"{Path(path) / CONFIG_NAME}: '{WEIGHTS_KEY}' must list file names in the folder, "
                              f"got {names!r}; {remake_hint(path)}")
@@ -181,6 +194,11 @@ class Generator(abc.ABC):
         if missing:
             raise ValueError(f"no sampler settings for stage(s) {missing} (got {sorted(settings)})")
         return dict(settings)
+
+    def default_settings(self) -> dict[str, StageSampler]:
+        """The generator's own sampler settings per stage (a params budget given as ``pipeline``)."""
+        raise ValueError(f"{type(self).__name__} has no default sampler settings of its own: give every "
+                         f"sampler.budgets.<budget> its settings per stage {self.stage_names}")
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, settings: Mapping[str, StageSampler] | StageSampler,

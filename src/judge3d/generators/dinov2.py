@@ -277,7 +277,31 @@ def write_transformers_folder(hub_checkpoint: str | Path, out_dir: str | Path,
     return out_dir
 
 
+# -- a tiny random-weight conditioner (the paper-smoke profile, tests) -----------------------------------
+TINY_PATCH = 14
+
+
+def write_tiny_conditioner(out_dir: str | Path, hidden: int, resolution: int, seed: int) -> Path:
+    """A random :class:`transformers.Dinov2WithRegistersModel` of width ``hidden`` (2 layers, 4
+    registers, patch 14) saved as a transformers folder, for ``resolution`` px inputs: the same class
+    and code path as the full-size conditioner, at a size a CPU runs in milliseconds."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    if resolution % TINY_PATCH:
+        raise ValueError(f"the tiny conditioner's resolution must be a multiple of {TINY_PATCH}, got {resolution}")
+    config = Dinov2WithRegistersConfig(hidden_size=int(hidden), num_hidden_layers=2, num_attention_heads=2,
+                                       mlp_ratio=2, patch_size=TINY_PATCH, image_size=int(resolution),
+                                       num_register_tokens=4, layer_norm_eps=1e-6, layerscale_value=1.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = Dinov2WithRegistersModel(config).eval()
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 __all__: Sequence[str] = [
     "DEFAULT_MODEL", "Dinov2Conditioner", "RESOLUTION", "convert_hub_state_dict", "hub_config",
-    "model_from_hub_state_dict", "pixel_values", "prepare_image", "write_transformers_folder",
+    "model_from_hub_state_dict", "pixel_values", "prepare_image", "write_tiny_conditioner",
+    "write_transformers_folder",
 ]

@@ -215,6 +215,11 @@ class ImageConditioner(nn.Module):
             x = images
         else:
             arr = np.stack([np.asarray(im) for im in images]) if not isinstance(images, np.ndarray) else images
+            if arr.ndim == 4 and arr.shape[-1] == 4:
+                # Compositing here would pick a background the generator was not trained on; refuse.
+                raise ValueError(f"the mini generator takes RGB input images, got RGBA {arr.shape}: set "
+                                 "world.image.alpha to false for it (RGBA cut-outs are for TRELLIS) and rebuild "
+                                 "the world (dvc repro data).")
             if arr.ndim != 4 or arr.shape[-1] != 3:
                 raise ValueError(f"images must be (B, H, W, 3) RGB, got shape {arr.shape}")
             x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0

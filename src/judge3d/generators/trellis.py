@@ -26,8 +26,10 @@ the inverse of Blender's glTF import), which is the project's canonical frame (y
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from judge3d.core.io import ModelFileError, check_safetensors, read_model_json
+from judge3d.core.seeding import derive_seed
 from judge3d.generators import sampler as rf
 from judge3d.generators.base import Generator, resolve_device
 from judge3d.generators.stages import DenseFlowStage, Latent, SparseFlowStage, SparseLatent, StageSampler
@@ -156,6 +159,144 @@ def save_trellis_model(model: nn.Module, config: Mapping[str, Any], stem: Path) 
               str(stem.with_name(stem.name + ".safetensors")))
 
 
+# -- the base generator folder (pretrain-base with base.backend = trellis) ------------------------------
+TINY = "tiny"                       # base.trellis.pipeline / conditioner: write random tiny models (paper-smoke)
+PIPELINE_DIR, CONDITIONER_DIR = "pipeline", "conditioner"   # where a base folder keeps tiny models it wrote
+DIGESTS = "files"                   # config.json: {path: {bytes, sha256}} of every file the generator reads
+
+
+@dataclass(frozen=True)
+class BaseFolder:
+    """What a TRELLIS base folder's config.json names: the pipeline folder and the conditioner."""
+    pipeline: Path
+    conditioner: dict[str, Any] | None      # {model: folder, resolution: px} or None
+    files: dict[str, dict[str, Any]]
+
+
+def _ref(folder: Path, ref: str) -> Path:
+    """A reference in a base folder's config.json: relative to the folder, or absolute."""
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def write_base_config(folder: Path, pipeline: str, conditioner: Mapping[str, Any] | None,
+                      files: Mapping[str, Any] | None = None) -> None:
+    config = {"backend": BACKEND, "pipeline": pipeline, "conditioner": None if conditioner is None else dict(conditioner),
+              # TRELLIS's loader checks the pipeline's own files (load_trellis_model), so none are listed here.
+              "weights": [], DIGESTS: dict(files or {})}
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_base_config(path: str | Path) -> BaseFolder | None:
+    """A folder's config.json naming this backend, resolved; None for a bare pipeline folder or a hub id.
+    Every file whose size it recorded must still have that size (a swapped or truncated checkpoint)."""
+    folder = Path(path).expanduser()
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        return None
+    config = read_model_json(file, _base_hint(folder))
+    if not isinstance(config, dict) or config.get("backend") != BACKEND or not isinstance(config.get("pipeline"), str):
+        return None
+    conditioner = config.get("conditioner")
+    if conditioner is not None:
+        if not (isinstance(conditioner, dict) and isinstance(conditioner.get("model"), str)
+                and isinstance(conditioner.get("resolution"), int)):
+            raise ModelFileError(f"{file}: 'conditioner' must be {{'model': folder, 'resolution': px}} or null; "
+                                 f"{_base_hint(folder)}")
+        conditioner = {**conditioner, "model": str(_ref(folder, conditioner["model"]))}
+    files = config.get(DIGESTS) or {}
+    changed = [name for name, d in files.items()
+               if not _ref(folder, name).is_file() or _ref(folder, name).stat().st_size != d.get("bytes")]
+    if changed:
+        raise ModelFileError(f"{file}: {len(changed)} file(s) it was prepared from are missing or changed since "
+                             f"({changed[:3]}{' ...' if len(changed) > 3 else ''}); {_base_hint(folder)}")
+    return BaseFolder(_ref(folder, config["pipeline"]), conditioner, files)
+
+
+def _base_hint(folder: Path) -> str:
+    return (f"re-prepare it (`dvc repro -f pretrain-base`, or `python stages/pretrain_base.py --out {folder}`) "
+            f"with base.trellis naming the TRELLIS pipeline and DINOv2 conditioner")
+
+
+def load_conditioner(spec: Mapping[str, Any], device: str | torch.device = "auto"):
+    """The DINOv2-with-registers conditioner a base folder names (transformers, safetensors, no remote code)."""
+    from judge3d.generators.dinov2 import Dinov2Conditioner
+
+    return Dinov2Conditioner.from_pretrained(spec["model"], device=device, resolution=int(spec["resolution"]),
+                                             local_files_only=True)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _resolve_conditioner(ref: str) -> Path:
+    """A local DINOv2 folder as is; a hub id downloads its config and safetensors weights."""
+    local = Path(ref).expanduser()
+    if local.exists() or not HUB_ID.match(ref):
+        if not local.is_dir():
+            from judge3d.generators.dinov2 import DEFAULT_MODEL
+
+            raise FileNotFoundError(f"DINOv2 conditioner folder {local} does not exist: set base.trellis.conditioner to "
+                                    f"a transformers Dinov2WithRegistersModel folder or hub id ({DEFAULT_MODEL})")
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, allow_patterns=["config.json", "model.safetensors*"]))
+    except Exception as exc:    # offline, no such repo, gated
+        raise FileNotFoundError(f"DINOv2 conditioner {ref!r} is neither a local folder nor a downloadable hub "
+                                f"repository ({type(exc).__name__}: {exc})") from exc
+
+
+def prepare_base(out_dir: str | Path, pipeline: str, conditioner: str, resolution: int, seed: int) -> dict[str, Any]:
+    """The base generator folder for the trellis backend (the pretrain-base stage; nothing is trained).
+
+    ``pipeline``: a TRELLIS pipeline folder or hub id, or ``tiny`` for a random tiny one written
+    here (:func:`write_tiny_pipeline`, the paper-smoke profile). ``conditioner``: a transformers
+    DINOv2-with-registers folder or hub id, or ``tiny`` (:func:`judge3d.generators.dinov2.write_tiny_conditioner`).
+    External models are referenced by their resolved local paths, not copied; config.json records
+    the size and sha256 of every file read, so the folder's DVC hash changes exactly when the
+    weights do. The folder is loaded once to check the parts fit together."""
+    from judge3d.generators.dinov2 import write_tiny_conditioner
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if pipeline == TINY:
+        folder = write_tiny_pipeline(out / PIPELINE_DIR, seed=derive_seed(seed, "trellis", "pipeline"))
+        pipeline_ref = PIPELINE_DIR
+    else:
+        folder = resolve_pipeline(pipeline).resolve()
+        pipeline_ref = str(folder)
+    args = read_pipeline_args(folder)
+    if conditioner == TINY:
+        model_dir = write_tiny_conditioner(out / CONDITIONER_DIR, hidden=TINY_COND_CHANNELS, resolution=resolution,
+                                           seed=derive_seed(seed, "trellis", "conditioner"))
+        conditioner_ref = CONDITIONER_DIR
+    else:
+        model_dir = _resolve_conditioner(conditioner).resolve()
+        conditioner_ref = str(model_dir)
+    read = [folder / PIPELINE_JSON] + [folder / f"{args['models'][k]}.{ext}" for k in REQUIRED_MODELS
+                                       for ext in ("json", "safetensors")]
+    read += sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors"))
+    files = {(str(p.relative_to(out)) if p.is_relative_to(out) else str(p)): _digest(p) for p in read}
+    spec = {"model": conditioner_ref, "resolution": int(resolution)}
+    write_base_config(out, pipeline_ref, spec, files)
+    generator = TrellisGenerator.load(out, device="cpu")       # fails here, naming the part, if they do not fit
+    tokens = generator.conditioner.num_tokens
+    summary = {"backend": BACKEND, "pipeline": pipeline, "conditioner": conditioner, "resolution": int(resolution),
+               "cond_tokens": int(tokens), "cond_channels": generator.cond_channels,
+               "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in generator.models.items()}}
+    if generator.conditioner.width != generator.cond_channels:
+        raise ModelFileError(f"the conditioner {conditioner!r} gives {generator.conditioner.width}-wide tokens but the "
+                             f"TRELLIS flows take {generator.cond_channels}; pair the pipeline with its own DINOv2")
+    return summary
+
+
 # -- stages -------------------------------------------------------------------------------------------
 class _TrellisSampling:
     """Runs a stage's settings through TRELLIS's own sampler classes."""
@@ -181,8 +322,21 @@ class _TrellisSampling:
             kwargs = {"neg_cond": neg_cond, "cfg_strength": float(settings.cfg_strength)}
             if takes_interval:
                 kwargs["cfg_interval"] = interval
-        return sampler.sample(self.flow_model, noise, cond, steps=int(settings.steps),
+        model = self.flow_model if not kwargs else self.guided_model(cond, neg_cond, settings, interval)
+        return sampler.sample(model, noise, cond, steps=int(settings.steps),
                               rescale_t=float(settings.rescale_t), verbose=False, **kwargs).samples
+
+    # Opt-in (TrellisGenerator.pair_guidance): see PairedGuidance.
+    paired_guidance = False
+
+    def guided_model(self, cond, neg_cond, settings: StageSampler, interval):
+        """What TRELLIS's guided sampler calls as its model: the flow model, or with ``paired_guidance``
+        the flow model behind :class:`PairedGuidance`."""
+        if not self.paired_guidance:
+            return self.flow_model
+        ts = rf.timestep_schedule(settings.steps, settings.rescale_t)[:-1]
+        guided = [rf.guidance_active(float(t), settings.cfg_strength, interval) for t in ts]
+        return PairedGuidance(self.flow_model, cond, neg_cond, guided, getattr(self, "sparse", None))
 
 
 class TrellisDenseStage(_TrellisSampling, DenseFlowStage):
@@ -244,6 +398,65 @@ class TrellisSparseStage(_TrellisSampling, SparseFlowStage):
         return noise.with_feats(feats)
 
 
+# -- opt-in speed-ups: paired guidance (TrellisGenerator.pair_guidance), compiled blocks (.compile) ---------
+class PairedGuidance:
+    """A flow model as TRELLIS's guided samplers call it, with the conditional and the unconditional
+    evaluation of a guided step run as one forward of twice the batch.
+
+    TRELLIS's guidance mixins call ``model(x_t, t, cond)`` and then ``model(x_t, t, neg_cond)`` on the
+    same ``x_t``, one batch each; on a small batch both forwards are bound by kernel launches and
+    Python, not arithmetic, so one forward of 2B costs about as much as one of B. On the first call of
+    a step that ``guided`` marks (the sampler's own schedule and interval test, from
+    :mod:`judge3d.generators.sampler`), this runs ``[x_t; x_t]`` with ``[cond; neg_cond]``, returns the
+    conditional half and keeps the other half for the unconditional call that follows on that same
+    ``x_t``. Any call that does not fit that pattern (another ``x_t`` or conditioning, a mispredicted
+    step) runs the model as is, so the result never depends on the prediction: outputs equal the
+    unpaired ones up to floating-point reassociation in the batched kernels.
+
+    Sparse latents (TRELLIS's ``SparseTensor``): the doubled tensor is TRELLIS's ``sparse_cat`` of
+    ``x_t`` with itself, built on the first guided step and then refilled with each step's feats (the
+    sampler keeps the coords object of the noise through every step), and both halves go back on
+    ``x_t``'s own voxels (the model's output order is checked once against the doubled input)."""
+
+    def __init__(self, model, cond, neg_cond, guided: Sequence[bool], sparse=None):
+        self.model, self.cond, self.neg_cond, self.sparse = model, cond, neg_cond, sparse
+        self.guided, self.step = list(guided), 0
+        self.pending = None           # (x_t, unconditional output) of the last paired forward
+        self.doubled = None           # (coords object it was built for, doubled SparseTensor, order checked)
+
+    def __call__(self, x_t, t, cond, **kwargs):
+        pending, self.pending = self.pending, None
+        if pending is not None and cond is self.neg_cond and pending[0] is x_t and not kwargs:
+            return pending[1]
+        if cond is self.cond and not kwargs:
+            step, self.step = self.step, self.step + 1
+            if step < len(self.guided) and self.guided[step]:
+                both = self.model(self._double(x_t), torch.cat([t, t]), torch.cat([cond, self.neg_cond]))
+                pos, neg = self._halves(both, x_t)
+                self.pending = (x_t, neg)
+                return pos
+        return self.model(x_t, t, cond, **kwargs)
+
+    def _double(self, x_t):
+        if isinstance(x_t, torch.Tensor):
+            return torch.cat([x_t, x_t])
+        if self.doubled is None or self.doubled[0] is not x_t.coords:
+            self.doubled = (x_t.coords, self.sparse.sparse_cat([x_t, x_t]), False)
+            return self.doubled[1]
+        return self.doubled[1].replace(torch.cat([x_t.feats, x_t.feats]))
+
+    def _halves(self, both, x_t):
+        if isinstance(x_t, torch.Tensor):
+            return both.chunk(2)
+        coords, doubled, checked = self.doubled
+        if not checked:
+            if not torch.equal(both.coords, doubled.coords):
+                raise RuntimeError("the SLat flow returned its voxels in another order than it was given")
+            self.doubled = (coords, doubled, True)
+        n = x_t.feats.shape[0]
+        return x_t.replace(both.feats[:n]), x_t.replace(both.feats[n:])
+
+
 # -- the generator -------------------------------------------------------------------------------------
 def _empty_mesh(reason: str):
     import trimesh
@@ -266,6 +479,7 @@ class TrellisGenerator(Generator):
         self.models = {k: m.to(self.device).eval() for k, m in models.items()}
         self.configs, self.pipeline_args = dict(configs), json.loads(json.dumps(pipeline_args))
         self.conditioner = conditioner
+        self.conditioner_spec: dict[str, Any] | None = None     # what a saved folder names (load sets it)
         self.ss_encoder = None if ss_encoder is None else (ss_encoder[0].to(self.device).eval(), ss_encoder[1])
         self.t_mean, self.t_std = TRELLIS_T_MEAN, TRELLIS_T_STD
         ss_flow, slat_flow = self.models[SS_FLOW], self.models[SLAT_FLOW]
@@ -375,7 +589,7 @@ class TrellisGenerator(Generator):
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """A TRELLIS pipeline folder (pipeline.json + ckpts/), loadable by TRELLIS itself, plus
-        config.json naming this backend."""
+        config.json naming this backend, the pipeline (this folder) and the conditioner it was loaded with."""
         path = Path(path)
         args = json.loads(json.dumps(self.pipeline_args))
         for key in REQUIRED_MODELS:
@@ -384,19 +598,64 @@ class TrellisGenerator(Generator):
         if self.ss_encoder is not None:
             save_trellis_model(self.ss_encoder[0], self.ss_encoder[1], path / "ckpts" / "ss_enc")
         (path / PIPELINE_JSON).write_text(json.dumps({"name": "TrellisImageTo3DPipeline", "args": args}, indent=2) + "\n")
-        (path / CONFIG_NAME).write_text(json.dumps({"backend": BACKEND, "pipeline": PIPELINE_JSON}, indent=2) + "\n")
+        write_base_config(path, pipeline=".", conditioner=self.conditioner_spec)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", conditioner: Any = None) -> "TrellisGenerator":
-        """From a TRELLIS pipeline folder or hub id, each model through TRELLIS's own loader."""
+        """From a base folder (config.json naming a pipeline and a conditioner: :func:`prepare_base`,
+        :meth:`save`), a TRELLIS pipeline folder or a hub id; each model through TRELLIS's own loader.
+
+        ``conditioner`` (an object with ``encode``) overrides the one a base folder names."""
         trellis = import_trellis()
-        folder = resolve_pipeline(path)
+        base = read_base_config(path)
+        spec = None
+        if base is not None:
+            folder = base.pipeline
+            spec = base.conditioner
+            if conditioner is None and spec is not None:
+                conditioner = load_conditioner(spec, device)
+        else:
+            folder = resolve_pipeline(path)
         args = read_pipeline_args(folder)
         models, configs = {}, {}
         for key in REQUIRED_MODELS:
             models[key], configs[key] = load_trellis_model(trellis, folder, args["models"][key])
-        return cls(trellis, models, configs, args, device=device, conditioner=conditioner,
-                   ss_encoder=_find_ss_encoder(trellis, folder))
+        generator = cls(trellis, models, configs, args, device=device, conditioner=conditioner,
+                        ss_encoder=_find_ss_encoder(trellis, folder))
+        generator.conditioner_spec = spec
+        return generator
+
+    # -- opt-in speed-ups -------------------------------------------------------------------------
+    def pair_guidance(self, enabled: bool = True, stages: Sequence[str] = (SS_STAGE, SLAT_STAGE)) -> "TrellisGenerator":
+        """Opt-in: each guided step of ``stages`` runs its conditional and unconditional evaluations as
+        one forward of twice the batch (:class:`PairedGuidance`), still through TRELLIS's samplers.
+        Worth it where a stage's batch is too small to fill the GPU; memory per forward doubles."""
+        for name in stages:
+            self.stage(name).paired_guidance = bool(enabled)
+        return self
+
+    def compile(self, stages: Sequence[str] = (SS_STAGE,), **options) -> "TrellisGenerator":
+        """Opt-in: ``torch.compile`` the dense flow models of ``stages`` in place, block by block (TRELLIS's
+        transformer blocks share one code path, so one compiled graph serves all of them: seconds to
+        compile rather than minutes for the whole model). ``options`` go to ``torch.compile``; by
+        default torch's automatic dynamic shapes: the first batch size gets a static graph, a second one
+        a graph with a symbolic batch that serves the rest (paired guidance doubles the batch).
+
+        In place (``nn.Module.compile``): the modules, parameters and state-dict keys stay the same, so
+        :meth:`save`, LoRA wrapping (peft swaps layers inside the blocks, which then recompile) and
+        training through the compiled blocks work as before. Outputs match the uncompiled model up
+        to floating-point reassociation in fused kernels. The sparse ``slat`` flow is refused: dynamo
+        cannot trace TRELLIS's ``SparseTensor`` arithmetic (it fails inside
+        ``SparseTensor.__elemwise__``), and spconv's kernels are opaque to it."""
+        for name in stages:
+            stage = self.stage(name)
+            if not isinstance(stage, TrellisDenseStage):
+                raise ValueError(f"stage {name!r} cannot be compiled: torch.compile does not trace TRELLIS's "
+                                 f"sparse tensors; compile only the dense stage ({SS_STAGE!r})")
+            blocks = getattr(stage.flow_model, "blocks", None)
+            for module in blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else [stage.flow_model]:
+                module.compile(**options)
+        return self
 
 
 def _find_ss_encoder(trellis: TrellisModules, folder: Path) -> tuple[nn.Module, dict] | None:

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import ModuleType
 
 ENV_VAR = "JUDGE3D_TRELLIS_SRC"
+PATCHES_ENV_VAR = "JUDGE3D_TRELLIS_PATCHES"     # a site's fixes around TRELLIS (see _site_patches)
+PATCHES_MODULE = "judge3d_trellis_site_patches"
 REQUIREMENTS = "spconv (CPU: `pip install 'judge3d[trellis-cpu]'`; GPU: spconv-cu126 or the build for your CUDA), easydict, plyfile"
 
 # What to install for each module TRELLIS's model code imports.
@@ -95,9 +97,33 @@ def _missing_dependency(exc: ModuleNotFoundError, source: Path) -> TrellisUnavai
                               f"{exc.name!r}: {hint}. Its model code needs {REQUIREMENTS}.")
 
 
+def _site_patches() -> ModuleType | None:
+    """The Python file ``$JUDGE3D_TRELLIS_PATCHES`` names, imported once, before TRELLIS.
+
+    A site's own fixes around TRELLIS (a machine without flash_attn/xformers, a CPU-only CI): its
+    module code runs before TRELLIS's first import (set attention backends, provide a module), and its
+    ``after_import(modules)``, if any, runs once TRELLIS is imported. The test suite's CPU stand-ins
+    reach the paper-smoke pipeline's stage processes this way; nothing is patched when it is unset."""
+    path = os.environ.get(PATCHES_ENV_VAR)
+    if not path:
+        return None
+    if PATCHES_MODULE in sys.modules:
+        return sys.modules[PATCHES_MODULE]
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise TrellisUnavailable(f"{PATCHES_ENV_VAR}={path} names no file; point it at a Python file, or unset it")
+    spec = importlib.util.spec_from_file_location(PATCHES_MODULE, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PATCHES_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def import_trellis() -> TrellisModules:
     """Import TRELLIS's model code (see the module docstring); raises :class:`TrellisUnavailable`
     naming the env var and what to install when something is missing."""
+    patches = _site_patches()
+    first = "trellis.models" not in sys.modules
     source = trellis_source()
     package = source / "trellis"
     loaded = sys.modules.get("trellis")
@@ -124,4 +150,7 @@ def import_trellis() -> TrellisModules:
             raise TrellisUnavailable(f"{package} is not a complete TRELLIS checkout ({exc}); point {ENV_VAR} at a "
                                      "clone of github.com/microsoft/TRELLIS with its submodules") from exc
         raise _missing_dependency(exc, source) from exc
-    return TrellisModules(source, models, modules, sparse, samplers, representations)
+    imported = TrellisModules(source, models, modules, sparse, samplers, representations)
+    if first and patches is not None and hasattr(patches, "after_import"):
+        patches.after_import(imported)
+    return imported

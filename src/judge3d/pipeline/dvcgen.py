@@ -183,8 +183,8 @@ def write_missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list
 # DVC cannot splice a list into `params:`/`deps:`, so each foreach item carries its own keys in a
 # fixed number of slots (`${item.params[i]}`), padded by repeating one of them (DVC accepts duplicates).
 ARM_STAGES = ("train-adapter", "judge-eval", "arm-metrics")
-JUDGE_EVAL_PARAMS = ("seed", "sampler", "geometry", "render", "judge", "judges.eval.model", "arm_eval",
-                     "generate.batch_size")
+JUDGE_EVAL_PARAMS = ("seed", "base.device", "sampler", "geometry", "render", "judge", "judges.eval.model",
+                     "arm_eval", "generate.batch_size")
 EVAL_JUDGE_DIR = "models/judges/eval"
 ARM_METRICS_PARAMS = ("report.bar", "report.n_boot", "report.seed", "report.keys")
 REPORT_STAGE = "report"

@@ -10,7 +10,7 @@ every stage sampled (``.latents.safetensors``, manifest column ``latents_path``)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -30,13 +30,31 @@ from judge3d.core.seeding import derive_seed
 STAGE_SAMPLER_KEYS = ("steps", "cfg_strength", "cfg_interval", "rescale_t")
 
 
+PIPELINE_SETTINGS = "pipeline"   # a budget's stage given as this word samples with the generator's own defaults
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A named sampling budget: the sampler settings of every flow stage, in the generator's order."""
+    """A named sampling budget: the sampler settings of flow stages by name. A stage's settings may
+    be None: the generator's own defaults (TRELLIS: its pipeline.json), filled in by :meth:`resolved`.
+    ``sampler.stages`` may name stages of several backends; a generator samples with its own."""
     name: str
-    stages: dict[str, StageSampler]
+    stages: dict[str, StageSampler | None]
+
+    def resolved(self, gen: Generator) -> "Budget":
+        """The settings of the generator's stages, in its order, with its defaults filled in."""
+        missing = [s for s in gen.stage_names if s not in self.stages]
+        if missing:
+            raise ParamsError(f"params.yaml: sampler.budgets.{self.name} has no settings for stage(s) {missing} of "
+                              f"{type(gen).__name__} (stages {gen.stage_names}); add them under sampler.stages and "
+                              f"sampler.budgets.{self.name}, or give '{PIPELINE_SETTINGS}'")
+        defaults = gen.default_settings() if any(self.stages[s] is None for s in gen.stage_names) else {}
+        return Budget(self.name, {s: self.stages[s] or defaults[s] for s in gen.stage_names})
 
     def row(self) -> dict[str, dict[str, Any]]:
+        unresolved = [s for s, v in self.stages.items() if v is None]
+        if unresolved:
+            raise ValueError(f"budget '{self.name}' takes the generator's defaults for {unresolved}: resolve it first")
         return {stage: settings.as_dict() for stage, settings in self.stages.items()}
 
 
@@ -54,6 +72,9 @@ def load_budgets(params: dict[str, Any]) -> dict[str, Budget]:
                               f"does not list ({sorted(shared)})")
         stages = {}
         for stage in shared:
+            if block.get(stage) == PIPELINE_SETTINGS:
+                stages[stage] = None
+                continue
             # Checked under the budget's own key path, so an error names sampler.budgets.<budget>.<stage>.<key>.
             settings = deep_merge(require(params, f"sampler.stages.{stage}", dict), block.get(stage) or {})
             merged = {"sampler": {"budgets": {name: {stage: settings}}}}
@@ -167,6 +188,7 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / ".partial.jsonl"
+    jobs = [replace(j, budget=j.budget.resolved(gen)) for j in jobs]
     done = {r["candidate"]: r for r in read_jsonl(partial)} if partial.exists() else {}
     todo = [j for j in jobs if j.candidate not in done]
     t0 = time.time()

@@ -1,4 +1,11 @@
-"""The generator's conditioning image: one lit, shaded RGB view of the object on a plain background."""
+"""The generator's conditioning image: one lit, shaded RGB view of the object on a plain background,
+optionally with an alpha channel that cuts the object out (``world.image.alpha``).
+
+The alpha channel is the multisampled framebuffer's coverage: the background is cleared to alpha 0
+and the opaque material writes alpha 1, so the resolved alpha is 255 where the object covers the
+whole pixel, 0 where it misses it, and the covered fraction on antialiased edges. The RGB channels
+are the same bytes as the RGB render (the material's blending ignores the framebuffer's alpha).
+"""
 from __future__ import annotations
 
 import math
@@ -40,7 +47,8 @@ class ShadedRenderer:
         self._mesh_node = None
 
     def render(self, mesh, azimuth_deg: float, elevation_deg: float,
-               background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+               background: Sequence[int] = (255, 255, 255), *, alpha: bool = False) -> np.ndarray:
+        """(size, size, 3) uint8 RGB, or (size, size, 4) RGBA with the object's coverage as alpha."""
         problem = mesh_problem(mesh)
         if problem:
             raise ValueError(f"cannot render an input image of a mesh that is {problem}: "
@@ -55,7 +63,7 @@ class ShadedRenderer:
         light_pose = look_at_origin_pose(azimuth_deg - 35.0, min(elevation_deg + 35.0, 85.0), 1.0)
         self._scene.set_pose(self._light, light_pose)
         bg = _background(background)
-        self._scene.bg_color = np.array([*(bg / 255.0), 1.0])
+        self._scene.bg_color = np.array([*(bg / 255.0), 0.0 if alpha else 1.0])
 
         soup = triangle_soup(mesh)
         normals = np.repeat(_face_normals(soup), 3, axis=0)
@@ -63,6 +71,9 @@ class ShadedRenderer:
         if self._mesh_node is not None:
             self._scene.remove_node(self._mesh_node)
         self._mesh_node = self._scene.add(pyrender.Mesh([primitive]))
+        if alpha:
+            color, _ = self._renderer.render(self._scene, flags=pyrender.RenderFlags.RGBA)
+            return np.ascontiguousarray(color, dtype=np.uint8)
         color, _ = self._renderer.render(self._scene)
         return np.ascontiguousarray(color[..., :3], dtype=np.uint8)
 
@@ -95,10 +106,11 @@ _CACHE: dict[tuple[int, float, float], ShadedRenderer] = {}
 
 
 def render_input_image(mesh, size: int, azimuth_deg: float, elevation_deg: float,
-                       background: Sequence[int] = (255, 255, 255), *,
+                       background: Sequence[int] = (255, 255, 255), *, alpha: bool = False,
                        camera_distance: float = DEFAULT_CAMERA_DISTANCE,
                        yfov_deg: float = DEFAULT_YFOV_DEG) -> np.ndarray:
-    """(size, size, 3) uint8 shaded view of ``mesh`` in the canonical frame (not re-normalized).
+    """(size, size, 3) uint8 shaded view of ``mesh`` in the canonical frame (not re-normalized);
+    with ``alpha`` (size, size, 4): the same RGB plus the object's coverage (255 on the object, 0 off it).
 
     Renderers are cached per (size, distance, fov), so a data stage rendering hundreds of images
     pays the EGL start-up once.
@@ -107,4 +119,4 @@ def render_input_image(mesh, size: int, azimuth_deg: float, elevation_deg: float
     renderer = _CACHE.get(key)
     if renderer is None:
         renderer = _CACHE[key] = ShadedRenderer(size, camera_distance=camera_distance, yfov_deg=yfov_deg)
-    return renderer.render(mesh, azimuth_deg, elevation_deg, background)
+    return renderer.render(mesh, azimuth_deg, elevation_deg, background, alpha=alpha)

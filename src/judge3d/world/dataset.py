@@ -34,6 +34,7 @@ class WorldConfig:
     azimuth_deg: float
     elevation_deg: float
     background: tuple[int, int, int]
+    alpha: bool  # RGBA input images (the object's cut-out in alpha) instead of RGB
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "WorldConfig":
@@ -55,6 +56,8 @@ class WorldConfig:
             azimuth_deg=require(params, "world.image.azimuth_deg", float),
             elevation_deg=require(params, "world.image.elevation_deg", float, check=lambda v: -89 <= v <= 89),
             background=tuple(background),
+            alpha=require(params, "world.image.alpha", bool,
+                          hint="true writes RGBA cut-outs (TRELLIS), false RGB (the mini generator)."),
         )
 
 
@@ -81,7 +84,8 @@ def plan_objects(cfg: WorldConfig) -> list[dict[str, Any]]:
 def _build_key(row: Mapping[str, Any], cfg: WorldConfig) -> str:
     return bytes_sha256(dumps({"v": BUILD_VERSION, "category": row["category"], "seed": row["seed"],
                                "res": cfg.voxel_resolution, "ss": cfg.voxel_supersample, "size": cfg.image_size,
-                               "az": cfg.azimuth_deg, "el": cfg.elevation_deg, "bg": list(cfg.background)}).encode())
+                               "az": cfg.azimuth_deg, "el": cfg.elevation_deg, "bg": list(cfg.background),
+                               "alpha": cfg.alpha}).encode())
 
 
 def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *,
@@ -89,9 +93,10 @@ def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *
                 progress: bool = True) -> list[dict[str, Any]]:
     """Write meshes (.ply), voxels (.npy), clean images (.png) and ``manifest.jsonl`` under ``out_dir``.
 
-    ``render_fn(mesh, size, azimuth_deg, elevation_deg, background) -> (H, W, 3) uint8`` draws the
-    input image; the world layer takes it as an argument because rendering sits above it
-    (``judge3d.pipeline.world`` passes ``judge3d.render.render_input_image``). ``workers`` processes
+    ``render_fn(mesh, size, azimuth_deg, elevation_deg, background, alpha=...) -> (H, W, 3|4) uint8``
+    draws the input image, RGBA (alpha = the object's coverage) when ``world.image.alpha``; the
+    world layer takes it as an argument because rendering sits above it (``judge3d.pipeline.world``
+    passes ``judge3d.render.render_input_image``). ``workers`` processes
     build objects in parallel (``judge3d.core.parallel``; None = one per CPU); a ``render_fn`` that
     keeps state in this process needs ``workers=1``.
 
@@ -156,14 +161,20 @@ def _build_object(plan: Mapping[str, Any], cfg: WorldConfig, out_dir: Path, root
                   render: Callable[..., np.ndarray]) -> dict[str, Any]:
     mesh = build_shape(plan["category"], plan["seed"])
     voxels = voxelize(mesh, cfg.voxel_resolution, cfg.voxel_supersample)
-    image = render(mesh, cfg.image_size, cfg.azimuth_deg, cfg.elevation_deg, cfg.background)
+    image = np.asarray(render(mesh, cfg.image_size, cfg.azimuth_deg, cfg.elevation_deg, cfg.background,
+                              alpha=cfg.alpha))
+    channels = 4 if cfg.alpha else 3
+    if image.dtype != np.uint8 or image.shape != (cfg.image_size, cfg.image_size, channels):
+        raise ValueError(f"the input-image renderer returned {image.dtype} {image.shape} for {plan['object_id']}; "
+                         f"world.image (size {cfg.image_size}, alpha {cfg.alpha}) needs uint8 "
+                         f"{(cfg.image_size, cfg.image_size, channels)}")
     oid = plan["object_id"]
     mesh_path = out_dir / "meshes" / f"{oid}.ply"
     voxel_path = out_dir / "voxels" / f"{oid}.npy"
     image_path = out_dir / "images" / f"{oid}.png"
     mesh.export(mesh_path, file_type="ply")
     np.save(voxel_path, voxels)
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(image_path)
+    Image.fromarray(image).save(image_path)  # an (H, W, 4) array saves as an RGBA PNG
     paths = (mesh_path, voxel_path, image_path)
     return {**plan, "mesh_path": _rel(mesh_path, root), "voxel_path": _rel(voxel_path, root),
             "image_path": _rel(image_path, root), "n_faces": int(len(mesh.faces)),
@@ -173,7 +184,11 @@ def _build_object(plan: Mapping[str, Any], cfg: WorldConfig, out_dir: Path, root
 def degrade_world(params: Mapping[str, Any], severity: str, world_manifest: str | Path = "data/world/manifest.jsonl",
                   out_dir: str | Path | None = None, *, root: str | Path = ".",
                   splits: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Degrade the clean input images of ``world.degraded_splits`` (or ``splits``) at ``severity``."""
+    """Degrade the clean input images of ``world.degraded_splits`` (or ``splits``) at ``severity``.
+
+    An RGBA clean image gives an RGBA degraded one (:func:`judge3d.world.degrade.degrade` says how the
+    alpha channel is carried); ``mse_vs_clean`` is then over all four channels.
+    """
     if severity not in SEVERITIES:
         raise ParamsError(f"unknown severity {severity!r}; choose from {list(SEVERITIES)}")
     spec = severity_spec(params, severity)
@@ -195,7 +210,7 @@ def degrade_world(params: Mapping[str, Any], severity: str, world_manifest: str 
             raise FileNotFoundError(f"clean input image {clean_path} is missing: rebuild the world (dvc repro data)")
         try:
             with Image.open(clean_path) as im:
-                clean = np.asarray(im.convert("RGB"))
+                clean = image_pixels(im)
         except OSError as exc:  # truncated / not an image: PIL's message names neither the file nor the fix
             raise ValueError(f"clean input image {clean_path} is unreadable ({exc}): the file is damaged; "
                              "rebuild the world (dvc repro -s data) or restore it (dvc checkout data/world).") from exc
@@ -210,13 +225,22 @@ def degrade_world(params: Mapping[str, Any], severity: str, world_manifest: str 
     return rows
 
 
+def image_pixels(im: Image.Image) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA when the image carries transparency (an alpha channel, or a palette or
+    colour key marked transparent), else (H, W, 3) uint8 RGB."""
+    # Pillow's Image.has_transparency_data, spelled out: it needs Pillow 10.1 and we allow 10.0.
+    transparent = im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info
+    return np.asarray(im.convert("RGBA" if transparent else "RGB"), dtype=np.uint8)
+
+
 def load_image(path: str | Path) -> np.ndarray:
+    """An input image as :func:`image_pixels` gives it: RGBA for a cut-out (``world.image.alpha``), else RGB."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} not found: run the data (or degrade) stage.")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return image_pixels(im)
     except OSError as exc:
         raise ValueError(f"input image {path} is not a readable image ({exc}); rerun the data stage.") from exc
 

@@ -2,6 +2,13 @@
 
 Fixed order: downscale+upscale, gaussian blur, gaussian noise, JPEG, occlusion. The occluder is
 placed on the object as seen in the *clean* input, so it always hides object pixels.
+
+An RGBA input (a cut-out, ``world.image.alpha``) is degraded in colour and keeps its cut-out: the
+RGB channels get every degradation exactly as an RGB image would; the alpha channel goes through
+the geometric ones (downscale+upscale, blur) with the same filters, so the mask follows the
+degraded colour; noise and JPEG leave it alone. The object is alpha > 0 of the clean input, and the
+occluder's box gets alpha 255: the occluder stays part of what a cut-out consumer (TRELLIS crops to
+alpha and composites onto black) sees, a block over the object, not a hole in it.
 """
 from __future__ import annotations
 
@@ -116,23 +123,33 @@ def _occluder(mask: np.ndarray, frac: float, rng: np.random.Generator) -> np.nda
 
 def degrade(image: np.ndarray, spec: Mapping[str, Any], seed: int, *,
             where: str = "degradations.<severity>") -> np.ndarray:
-    """Degrade an RGB uint8 image per ``spec`` (one ``degradations.<severity>`` block)."""
+    """Degrade a uint8 RGB (H, W, 3) or RGBA (H, W, 4) image per ``spec`` (one
+    ``degradations.<severity>`` block); the output has the input's shape (the module docstring says
+    what happens to alpha)."""
     cfg = validate_spec(spec, where)
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 2:
-        raise ValueError(f"degrade expects an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4) or min(image.shape[:2]) < 2:
+        raise ValueError(f"degrade expects an (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA image, "
+                         f"got {image.dtype} {image.shape}")
     rng = np.random.default_rng(seed)
     h, w = image.shape[:2]
+    alpha = image[:, :, 3] if image.shape[2] == 4 else None
+    image = np.ascontiguousarray(image[:, :, :3])
     background = _background_colour(image)
-    object_mask = np.any(image != background, axis=2)
+    object_mask = np.any(image != background, axis=2) if alpha is None else alpha > 0
 
     out = image
     if cfg["downscale"] < 1.0:
         small = (max(1, round(w * cfg["downscale"])), max(1, round(h * cfg["downscale"])))
         out = np.asarray(Image.fromarray(out).resize(small, Image.BILINEAR).resize((w, h), Image.BILINEAR))
+        if alpha is not None:  # alone, as an "L" image: PIL resizes RGBA premultiplied, which would change the RGB
+            alpha = np.asarray(Image.fromarray(alpha).resize(small, Image.BILINEAR).resize((w, h), Image.BILINEAR))
     work = out.astype(np.float64) / 255.0
     if cfg["blur_sigma"] > 0:
         work = ndimage.gaussian_filter(work, sigma=(cfg["blur_sigma"], cfg["blur_sigma"], 0), mode="nearest")
+        if alpha is not None:
+            blurred = ndimage.gaussian_filter(alpha.astype(np.float64) / 255.0, sigma=cfg["blur_sigma"], mode="nearest")
+            alpha = np.clip(np.round(blurred * 255.0), 0, 255).astype(np.uint8)
     if cfg["noise_std"] > 0:
         work = work + rng.normal(0.0, cfg["noise_std"], size=work.shape)
     out = np.clip(np.round(work * 255.0), 0, 255).astype(np.uint8)
@@ -143,7 +160,10 @@ def degrade(image: np.ndarray, spec: Mapping[str, Any], seed: int, *,
         rect = _occluder(object_mask, cfg["occlusion_frac"], rng)
         fill = background if cfg["occlusion_fill"] == "background" else np.array([GREY] * 3, dtype=np.uint8)
         out[rect] = fill
-    return out
+        if alpha is not None:
+            alpha = alpha.copy()
+            alpha[rect] = 255
+    return out if alpha is None else np.dstack([out, alpha])
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
