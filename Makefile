@@ -48,8 +48,10 @@ $(STAMP):
 repro: setup
 	dvc repro
 
+# One worker per core, one test file per worker (--dist loadfile): the two end-to-end pipelines, each
+# mostly one core of stage start-ups and DVC bookkeeping, run side by side.
 test: setup browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --dist loadfile
 
 verify: setup
 	judge3d verify

@@ -279,7 +279,7 @@ def test_param_keys_follow_overrides(tmp_path):
     assert arm_spec(params, "dpo_strong").settings["beta"] == 0.5
     assert "method.beta" not in arm_spec(params, "sft_best").param_keys
     assert arm_spec(params, "dpo_strong").param_keys[-2:] == ["arms.dpo_strong.beta", "method.reduction"]
-    assert arm_spec(params, "repair_severe").param_keys == ["seed", "arms.repair_severe.kind", "arms.repair_severe.severity",
+    assert arm_spec(params, "repair_severe").param_keys == ["seed", "base.device", "arms.repair_severe.kind", "arms.repair_severe.severity",
                                                             "method.repair", "method.probe"]
     partial = copy.deepcopy(params)
     partial["arms"]["orpo"]["lora"] = {"rank": 2}          # a partial override still reads method.lora
