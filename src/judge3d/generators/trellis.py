@@ -57,6 +57,7 @@ SS_ENCODER_CLASS = "SparseStructureEncoder"     # optional, found among ckpts/*.
 TRELLIS_T_MEAN, TRELLIS_T_STD = 1.0, 1.0
 # Row vectors: canonical = trellis @ TRELLIS_TO_CANONICAL (TRELLIS's to_glb rotation, z up -> y up).
 TRELLIS_TO_CANONICAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+DECODE_CHUNK = 4           # samples per mesh-decoder call (see decode)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -171,6 +172,7 @@ class BaseFolder:
     pipeline: Path
     conditioner: dict[str, Any] | None      # {model: folder, resolution: px} or None
     files: dict[str, dict[str, Any]]
+    speedups: dict[str, bool]                # {pair_guidance, compile}: applied at load (TrellisGenerator)
 
 
 def _ref(folder: Path, ref: str) -> Path:
@@ -179,9 +181,13 @@ def _ref(folder: Path, ref: str) -> Path:
     return path if path.is_absolute() else folder / path
 
 
+SPEEDUPS = ("pair_guidance", "compile")
+
+
 def write_base_config(folder: Path, pipeline: str, conditioner: Mapping[str, Any] | None,
-                      files: Mapping[str, Any] | None = None) -> None:
+                      files: Mapping[str, Any] | None = None, speedups: Mapping[str, bool] | None = None) -> None:
     config = {"backend": BACKEND, "pipeline": pipeline, "conditioner": None if conditioner is None else dict(conditioner),
+              "speedups": {k: bool((speedups or {}).get(k, False)) for k in SPEEDUPS},
               # TRELLIS's loader checks the pipeline's own files (load_trellis_model), so none are listed here.
               "weights": [], DIGESTS: dict(files or {})}
     (Path(folder) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -210,7 +216,10 @@ def read_base_config(path: str | Path) -> BaseFolder | None:
     if changed:
         raise ModelFileError(f"{file}: {len(changed)} file(s) it was prepared from are missing or changed since "
                              f"({changed[:3]}{' ...' if len(changed) > 3 else ''}); {_base_hint(folder)}")
-    return BaseFolder(_ref(folder, config["pipeline"]), conditioner, files)
+    speedups = config.get("speedups") or {}
+    if not (isinstance(speedups, dict) and set(speedups) <= set(SPEEDUPS) and all(isinstance(v, bool) for v in speedups.values())):
+        raise ModelFileError(f"{file}: 'speedups' must map {list(SPEEDUPS)} to true/false; {_base_hint(folder)}")
+    return BaseFolder(_ref(folder, config["pipeline"]), conditioner, files, dict(speedups))
 
 
 def _base_hint(folder: Path) -> str:
@@ -253,7 +262,8 @@ def _resolve_conditioner(ref: str) -> Path:
                                 f"repository ({type(exc).__name__}: {exc})") from exc
 
 
-def prepare_base(out_dir: str | Path, pipeline: str, conditioner: str, resolution: int, seed: int) -> dict[str, Any]:
+def prepare_base(out_dir: str | Path, pipeline: str, conditioner: str, resolution: int, seed: int,
+                 pair_guidance: bool = False, compile: bool = False) -> dict[str, Any]:
     """The base generator folder for the trellis backend (the pretrain-base stage; nothing is trained).
 
     ``pipeline``: a TRELLIS pipeline folder or hub id, or ``tiny`` for a random tiny one written
@@ -261,7 +271,9 @@ def prepare_base(out_dir: str | Path, pipeline: str, conditioner: str, resolutio
     DINOv2-with-registers folder or hub id, or ``tiny`` (:func:`judge3d.generators.dinov2.write_tiny_conditioner`).
     External models are referenced by their resolved local paths, not copied; config.json records
     the size and sha256 of every file read, so the folder's DVC hash changes exactly when the
-    weights do. The folder is loaded once to check the parts fit together."""
+    weights do. ``pair_guidance`` and ``compile`` (see :meth:`TrellisGenerator.pair_guidance`,
+    :meth:`TrellisGenerator.compile`) are recorded there and applied whenever the folder is loaded.
+    The folder is loaded once to check the parts fit together."""
     from judge3d.generators.dinov2 import write_tiny_conditioner
 
     out = Path(out_dir)
@@ -285,10 +297,11 @@ def prepare_base(out_dir: str | Path, pipeline: str, conditioner: str, resolutio
     read += sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors"))
     files = {(str(p.relative_to(out)) if p.is_relative_to(out) else str(p)): _digest(p) for p in read}
     spec = {"model": conditioner_ref, "resolution": int(resolution)}
-    write_base_config(out, pipeline_ref, spec, files)
-    generator = TrellisGenerator.load(out, device="cpu")       # fails here, naming the part, if they do not fit
+    write_base_config(out, pipeline_ref, spec, files, {"pair_guidance": pair_guidance, "compile": compile})
+    generator = TrellisGenerator.load(out, device="cpu", speedups=False)   # fails here, naming the part, if they do not fit
     tokens = generator.conditioner.num_tokens
     summary = {"backend": BACKEND, "pipeline": pipeline, "conditioner": conditioner, "resolution": int(resolution),
+               "pair_guidance": bool(pair_guidance), "compile": bool(compile),
                "cond_tokens": int(tokens), "cond_channels": generator.cond_channels,
                "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in generator.models.items()}}
     if generator.conditioner.width != generator.cond_channels:
@@ -570,10 +583,15 @@ class TrellisGenerator(Generator):
         keep = (slat.voxel_counts() > 0).nonzero().squeeze(1).tolist()
         if not keep:
             return meshes
-        part = slat.select(keep)
-        feats = part.feats * self.slat_std.to(part.feats) + self.slat_mean.to(part.feats)
         stage = self.stages[1]
-        results = self.models[MESH_DECODER](stage.to_sparse_tensor(part.with_feats(feats)))
+        results = []
+        # In chunks: at full size, spconv's index arithmetic in the mesh decoder overflows int32 for
+        # 32 samples in one call ("your data exceed int32 range"); a sample's mesh does not depend on
+        # the others in its call.
+        for start in range(0, len(keep), DECODE_CHUNK):
+            part = slat.select(keep[start:start + DECODE_CHUNK])
+            feats = part.feats * self.slat_std.to(part.feats) + self.slat_mean.to(part.feats)
+            results += list(self.models[MESH_DECODER](stage.to_sparse_tensor(part.with_feats(feats))))
         for i, result in zip(keep, results):
             if not result.success:
                 meshes[i] = _empty_mesh("no_surface")
@@ -601,11 +619,13 @@ class TrellisGenerator(Generator):
         write_base_config(path, pipeline=".", conditioner=self.conditioner_spec)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "auto", conditioner: Any = None) -> "TrellisGenerator":
+    def load(cls, path: str | Path, device: str | torch.device = "auto", conditioner: Any = None,
+             speedups: bool = True) -> "TrellisGenerator":
         """From a base folder (config.json naming a pipeline and a conditioner: :func:`prepare_base`,
         :meth:`save`), a TRELLIS pipeline folder or a hub id; each model through TRELLIS's own loader.
 
-        ``conditioner`` (an object with ``encode``) overrides the one a base folder names."""
+        ``conditioner`` (an object with ``encode``) overrides the one a base folder names; the speed-ups
+        a base folder records are applied unless ``speedups`` is False."""
         trellis = import_trellis()
         base = read_base_config(path)
         spec = None
@@ -623,6 +643,10 @@ class TrellisGenerator(Generator):
         generator = cls(trellis, models, configs, args, device=device, conditioner=conditioner,
                         ss_encoder=_find_ss_encoder(trellis, folder))
         generator.conditioner_spec = spec
+        if base is not None and speedups:
+            generator.pair_guidance(base.speedups.get("pair_guidance", False))
+            if base.speedups.get("compile", False):
+                generator.compile()
         return generator
 
     # -- opt-in speed-ups -------------------------------------------------------------------------
