@@ -68,6 +68,41 @@ def _clone(src: Path, dest: Path) -> None:
     subprocess.run(["git", "config", "user.name", "judge3d e2e"], cwd=dest, check=True)
 
 
+# One arm of each family: a LoRA arm that trains without judged pairs (sft_clean), a preference arm
+# (dpo: its judge-eval and training are killed and resumed below) and a conditioner repair.
+E2E_ARMS = ("sft_clean", "dpo", "repair_severe")
+
+
+def _keep_arms(clone: Path, arms: tuple[str, ...] = E2E_ARMS) -> None:
+    """Trim the clone's study to ``arms``, as a researcher changes the arm set: their `arms` entries in
+    params.yaml, their committed metrics files, and `judge3d dvc-deps --write` regenerating dvc.yaml's
+    arm stanzas. The end-to-end runs then take minutes, not ten; every stage kind still runs, and the
+    full eight-arm graph is what `make repro` runs (and tests/test_stage_deps.py checks)."""
+    params = clone / "params.yaml"
+    kept, in_arms, removed = [], False, []
+    for line in params.read_text().splitlines(keepends=True):
+        if line.startswith("arms:"):
+            in_arms = True
+        elif in_arms and line.strip() and not line.startswith((" ", "#")):
+            in_arms = False
+        name = line.split(":")[0].strip() if in_arms and line.startswith("  ") and not line.startswith("   ") else None
+        if name and not name.startswith("#") and name not in arms:
+            removed.append(name)
+            continue
+        kept.append(line)
+    assert set(arms) <= set(_arm_names(kept)), f"params.yaml lacks arms {arms}"
+    params.write_text("".join(kept))
+    for name in removed:
+        (clone / "metrics" / "arms" / f"{name}.json").unlink(missing_ok=True)
+    _sh("judge3d dvc-deps --write", clone)
+
+
+def _arm_names(lines: list[str]) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load("".join(lines))["arms"])
+
+
 def _tree_digest(path: Path) -> dict[str, str]:
     return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
@@ -153,6 +188,7 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
         pytest.fail("the running venv was not installed by `make` from the committed pyproject.toml; commit it "
                     "and run `make test` (the clone's `make repro` would otherwise reinstall into this venv)")
     _sh("judge3d profile apply tiny", first)
+    _keep_arms(first)
     _sh(f"dvc remote add -d -f e2e {remote}", first)
 
     # A stage started by a dvc whose PATH lacks the venv stops at once, with the fix.

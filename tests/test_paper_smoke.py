@@ -21,12 +21,11 @@ import pytest
 from PIL import Image
 
 import trellis_stand_ins as stand_ins
-from test_e2e import REPO, VENV, _check, _clone, _sh, _user_env
+from test_e2e import E2E_ARMS, REPO, _check, _clone, _keep_arms, _sh, _user_env
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(stand_ins.missing_requirement() is not None,
                                  reason=f"{stand_ins.missing_requirement()}: {stand_ins.ENABLE_HINT}")]
-ARMS = ("sft_best", "dpo", "dpo_strong", "orpo", "sft_clean", "repair_mild", "repair_medium", "repair_severe")
 
 
 def _trellis_env() -> dict[str, str]:
@@ -48,6 +47,7 @@ def test_paper_smoke_pipeline_end_to_end(tmp_path):
     clone = tmp_path / "clone"
     _clone(REPO, clone)
     _sh("judge3d profile apply paper-smoke", clone)
+    _keep_arms(clone)
     out = _make("repro", clone)
     assert "Running stage 'report'" in out
     assert "Data and pipelines are up to date" in _check(subprocess.run(
@@ -77,11 +77,11 @@ def test_paper_smoke_pipeline_end_to_end(tmp_path):
 
     # Every arm ran on TRELLIS: LoRA arms on the SLat flow (trained where judged pairs exist: the tiny
     # judges may keep none, as in the tiny profile), repair arms on the conditioning tokens.
-    for arm in ARMS:
+    for arm in E2E_ARMS:
         train = json.loads((clone / "data" / "arms" / arm / "train_metrics.json").read_text())
         assert (clone / "metrics" / "arms" / f"{arm}.json").is_file(), arm
         assert (clone / "data" / "evals" / arm / "verdicts.jsonl").is_file(), arm
-        if arm in ("sft_clean",) or arm.startswith("repair"):
+        if arm == "sft_clean" or arm.startswith("repair"):
             assert train.get("trained", True), f"{arm} did not train: {train}"
             before, after = ("feat_mse_before", "feat_mse_after") if arm.startswith("repair") else \
                 ("fm_mse_before", "fm_mse_after")
