@@ -58,19 +58,28 @@ def _params(tmp: Path, n_boot: int, extra_arms: dict | None) -> dict:
     return params
 
 
-def _mesh_row(oid: str, regime: str, who: str, score: float, montage: str, image: str) -> dict:
-    return {"object_id": oid, "regime": regime, "seed": 0, "candidate": f"{who}:{oid}:{regime}",
-            "mesh_path": f"data/meshes/{who}/{regime}/{oid}.ply", "montage_path": montage, "image_path": image,
-            "empty": False, "oracle_score": round(score, 6), "iou": round(score * 0.9, 6),
-            "fscore": round(score, 6), "watertight": who == "base" or score > 0.5, "n_components": 1 if score > 0.4 else 2,
-            "n_degenerate_faces": 0}
+def _mesh_row(oid: str, regime: str, who: str, score: float, montage: str, image: str, oracle: bool = True) -> dict:
+    row = {"object_id": oid, "regime": regime, "seed": 0, "candidate": f"{who}:{oid}:{regime}",
+           "mesh_path": f"data/meshes/{who}/{regime}/{oid}.ply", "montage_path": montage, "image_path": image,
+           "empty": False, "oracle_score": round(score, 6), "iou": round(score * 0.9, 6),
+           "fscore": round(score, 6), "watertight": who == "base" or score > 0.5, "n_components": 1 if score > 0.4 else 2,
+           "n_degenerate_faces": 0}
+    if not oracle:  # a user's image (world.images_dir): the generate stage writes null oracle fields
+        row.update({"oracle_score": None, "iou": None, "fscore": None, "oracle": False})
+    return row
+
+
+def _score(q: float, oracle: bool) -> float | None:
+    return round(q, 6) if oracle else None
 
 
 def build_repo(tmp: Path, *, arm_gain: dict[str, float] | None = None, diverged: tuple[str, ...] = (),
-               calibration_ok: bool = True, n_boot: int = 200, extra_arms: dict | None = None) -> dict:
+               calibration_ok: bool = True, n_boot: int = 200, extra_arms: dict | None = None,
+               oracle: bool = True) -> dict:
     """Write the crafted repo under ``tmp``; return its params. ``arm_gain[arm]`` is added to the
     arm meshes' quality over the base's (judge and oracle see the same quality); ``extra_arms`` are
-    added to params' arms block."""
+    added to params' arms block. ``oracle=False``: inputs are a user's images, so every manifest row
+    and judged pair has null oracle values (the judge still sees the quality)."""
     tmp.mkdir(parents=True, exist_ok=True)
     params = _params(tmp, n_boot, extra_arms)
     arm_gain = arm_gain or {}
@@ -88,7 +97,7 @@ def build_repo(tmp: Path, *, arm_gain: dict[str, float] | None = None, diverged:
             _png(tmp / montage, q)
             _png(tmp / image, 0.5)
             quality[montage] = q
-            rows.append(_mesh_row(oid, regime, "base", q, montage, image))
+            rows.append(_mesh_row(oid, regime, "base", q, montage, image, oracle))
         write_jsonl(tmp / f"data/generated/heldout_{regime}/manifest.jsonl", rows)
         write_jsonl(tmp / f"data/montages/heldout_{regime}/manifest.jsonl", rows)
 
@@ -104,10 +113,10 @@ def build_repo(tmp: Path, *, arm_gain: dict[str, float] | None = None, diverged:
             montage = f"data/evals/{arm}/montages/{oid}_s0.png"
             _png(tmp / montage, q)
             quality[montage] = q
-            rows.append(_mesh_row(oid, regime, arm, q, montage, f"data/world/images/{regime}/{oid}.png"))
+            rows.append(_mesh_row(oid, regime, arm, q, montage, f"data/world/images/{regime}/{oid}.png", oracle))
             base_montage = f"data/montages/heldout_{regime}/{oid}_s0.png"
             pairs.append(Pair(f"{arm}:{oid}:s0", oid, montage, base_montage, rows[-1]["candidate"],
-                              f"base:{oid}:{regime}", round(q, 6), round(base_q[(oid, regime)], 6)))
+                              f"base:{oid}:{regime}", _score(q, oracle), _score(base_q[(oid, regime)], oracle)))
         write_jsonl(tmp / f"data/evals/{arm}/manifest.jsonl", rows)
         # position bias 0.3: pairs with a small gap flip, as real judges do
         backend = ScriptedBackend("eval-judge@test", quality, bias=0.3)
@@ -121,7 +130,7 @@ def build_repo(tmp: Path, *, arm_gain: dict[str, float] | None = None, diverged:
                           "implicit_accuracy": 0.6})
         write_json(tmp / f"data/arms/{arm}/train_metrics.json", train)
 
-    _calibration(tmp, params, quality, calibration_ok, eval_judge)
+    _calibration(tmp, params, quality, calibration_ok, eval_judge, oracle)
     return params
 
 
@@ -136,7 +145,7 @@ def _run(tmp: Path, backend, pairs, log_rel: str) -> None:
         os.chdir(cwd)
 
 
-def _calibration(tmp: Path, params: dict, quality: dict, ok: bool, eval_judge) -> None:
+def _calibration(tmp: Path, params: dict, quality: dict, ok: bool, eval_judge, oracle: bool = True) -> None:
     pairs = {"clear_gap": [], "base_vs_base": [], **{f"headroom_{s}": [] for s in ("mild", "medium", "severe")}}
     for i in range(N_OBJECTS + 4):
         oid = f"cal{i:02d}"
@@ -146,10 +155,11 @@ def _calibration(tmp: Path, params: dict, quality: dict, ok: bool, eval_judge) -
         for k, p in paths.items():
             _png(tmp / p, qs[k])
             quality[p] = qs[k]
-        pairs["clear_gap"].append(Pair(f"cg:{oid}", oid, paths["high"], paths["low"], "high", "low", qs["high"], qs["low"]))
-        pairs["base_vs_base"].append(Pair(f"bb:{oid}", oid, paths["s0"], paths["s1"], "s0", "s1", qs["s0"], qs["s1"]))
+        sc = {k: qs[k] if oracle else None for k in qs}
+        pairs["clear_gap"].append(Pair(f"cg:{oid}", oid, paths["high"], paths["low"], "high", "low", sc["high"], sc["low"]))
+        pairs["base_vs_base"].append(Pair(f"bb:{oid}", oid, paths["s0"], paths["s1"], "s0", "s1", sc["s0"], sc["s1"]))
         for s in ("mild", "medium", "severe"):
-            pairs[f"headroom_{s}"].append(Pair(f"hr:{s}:{oid}", oid, paths["s0"], paths[s], "clean", s, qs["s0"], qs[s]))
+            pairs[f"headroom_{s}"].append(Pair(f"hr:{s}:{oid}", oid, paths["s0"], paths[s], "clean", s, sc["s0"], sc[s]))
     # a blind evaluation judge (always answers "first") fails the clear-gap control
     judge = eval_judge if ok else ScriptedBackend("eval-judge@test", quality, scale=0.0, bias=1.0)
     for name, ps in pairs.items():

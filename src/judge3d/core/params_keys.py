@@ -213,6 +213,7 @@ KNOWN_KEYS: tuple[str, ...] = (
     "world.image.background",
     "world.image.elevation_deg",
     "world.image.size",
+    "world.images_dir",
     "world.n_heldout",
     "world.n_judge_eval",
     "world.n_judge_train",

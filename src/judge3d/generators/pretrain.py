@@ -26,7 +26,7 @@ from judge3d.core.numerics import adamw
 from judge3d.core.resume import checkpoint_dir, drop_checkpoints, fingerprint
 from judge3d.core.seeding import derive_seed, seed_everything
 from judge3d.core.training import Checkpointing, cosine_schedule, train
-from judge3d.world.dataset import load_image, load_voxels
+from judge3d.world.dataset import has_ground_truth, load_image, load_voxels
 
 
 @dataclass
@@ -66,6 +66,12 @@ def load_training_set(manifest: str | Path, resolution: int, split: str = "train
         rows = rows[:limit]
     if not rows:
         raise ValueError(f"{manifest}: no rows with split '{split}'; check world.n_train and rerun data.")
+    user = [r["object_id"] for r in rows if not has_ground_truth(r)]
+    if user:
+        raise ValueError(f"{manifest}: split '{split}' holds a user's images (world.images_dir; e.g. {user[0]}), "
+                         "which have no ground-truth voxels; the mini generator trains on the procedural world. "
+                         "world.images_dir is for the TRELLIS backend (base.backend: trellis, e.g. the paper "
+                         "profile); set world.images_dir: null to pretrain the mini generator.")
     images = np.stack([load_image(r["image_path"]) for r in rows])
     voxels = np.stack([load_voxels(r["voxel_path"], resolution) for r in rows])
     return rows, images, voxels

@@ -56,6 +56,11 @@ def build_candidates(split: str, world_rows: Sequence[dict[str, Any]], generated
     objects = sorted((r for r in world_rows if r["split"] == split), key=lambda r: r["object_id"])
     if not objects:
         raise ValueError(f"the world has no objects of split {split!r} (params world.n_{split})")
+    user = [o["object_id"] for o in objects if o.get("mesh_path") is None]
+    if user:
+        raise ValueError(f"split {split!r} holds a user's images (world.images_dir; e.g. {user[0]}) with no "
+                         "ground-truth mesh; the judges' pretraining candidates need procedural objects: set "
+                         "judges.train.objects_split / judges.eval.objects_split to judge_train / judge_eval.")
     partial = out_dir / PARTIAL
     done = {r["candidate"]: r for r in read_jsonl(partial)} if partial.exists() else {}
     names = {o["object_id"]: candidate_names(o["object_id"], kinds, levels) for o in objects}

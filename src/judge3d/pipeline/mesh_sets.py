@@ -108,8 +108,8 @@ class Job:
     seed_index: int
     seed: int
     image_path: str
-    mesh_path_gt: str
-    voxel_path_gt: str
+    mesh_path_gt: str | None    # None: a user's image (world.images_dir), no ground truth, no oracle
+    voxel_path_gt: str | None
 
     @property
     def candidate(self) -> str:
@@ -144,8 +144,10 @@ def plan_set(params: dict[str, Any], set_name: str, world_rows: list[dict[str, A
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ParamsError(f"params.yaml: {where}.{name} must be a positive integer, got {v!r}")
         if n_obj > len(objects):
+            source = (f"world.images_dir/{split} holds that many images" if any(r.get("oracle") is False for r in objects)
+                      else f"world.n_{split}")
             raise ParamsError(f"params.yaml: {where}.n_objects = {n_obj} but split '{split}' has "
-                              f"{len(objects)} objects (world.n_{split})")
+                              f"{len(objects)} objects ({source})")
         for row in objects[:n_obj]:
             if images is not None and row["object_id"] not in images:
                 raise FileNotFoundError(f"{degraded_dir}/{regime}/manifest.jsonl has no image for "
@@ -246,7 +248,7 @@ class _CandidateScorer:
     def __call__(self, item: tuple[Job, Any, dict[str, np.ndarray]]) -> dict[str, Any]:
         from safetensors.numpy import save_file
 
-        from judge3d.world.geometry import oracle_metrics, validity
+        from judge3d.world.geometry import no_oracle_metrics, oracle_metrics, validity
         from judge3d.world.voxel import voxelize
 
         job, decode_job, latents = item
@@ -266,9 +268,13 @@ class _CandidateScorer:
         else:
             mesh_path.unlink(missing_ok=True)
             occupancy_path.unlink(missing_ok=True)
-        metrics = oracle_metrics(None if empty else mesh, self.reference(job), params=self.geometry,
-                                 pred_flags={"empty": empty, "nan": bool(mesh.metadata.get("nan"))},
-                                 pred_voxels=pred_voxels)
+        pred_flags = {"empty": empty, "nan": bool(mesh.metadata.get("nan"))}
+        has_oracle = job.mesh_path_gt is not None
+        if has_oracle:
+            metrics = oracle_metrics(None if empty else mesh, self.reference(job), params=self.geometry,
+                                     pred_flags=pred_flags, pred_voxels=pred_voxels)
+        else:  # a user's image: no ground truth, so null oracle fields, never a made-up score
+            metrics = no_oracle_metrics(None if empty else mesh, pred_flags)
         row = {"object_id": job.object_id, "category": job.category, "split": job.split,
                "regime": job.regime, "budget": job.budget.name, "sampler": job.budget.row(),
                "seed": job.seed, "seed_index": job.seed_index,
@@ -277,6 +283,8 @@ class _CandidateScorer:
                "occupancy_path": None if empty else occupancy_path.as_posix(),
                "gt_mesh_path": job.mesh_path_gt,
                "set": self.set_name, **metrics, "empty": empty, "validity": validity(None if empty else mesh)}
+        if not has_oracle:
+            row["oracle"] = False
         row.update(self.extra)
         return row
 

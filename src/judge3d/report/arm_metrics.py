@@ -286,6 +286,11 @@ def arm_metrics(verdict_rows: Sequence[Mapping[str, Any]], arm_manifest: Sequenc
         "oracle_win": oracle_win(pairs, settings.oracle_keys["score"], settings),
         "train": train,
     }
+    # Pairs on a user's images (world.images_dir) have no ground truth: the report says so. Set only
+    # then, so a procedural run's metrics file is unchanged.
+    no_oracle = sum(1 for a, b in pairs if a.get("oracle") is False or b.get("oracle") is False)
+    if no_oracle:
+        out["n_no_oracle"] = no_oracle
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from judge3d.judges.protocol import pair_verdicts
 from judge3d.report.arm_metrics import ReportSettings, field, pair_manifests
-from judge3d.report.tables import Table
+from judge3d.report.tables import Table, no_oracle_text
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
@@ -135,6 +135,9 @@ def build_html(root: str | Path, tables: Mapping[str, Table], svgs: Mapping[str,
     root = Path(root)
     status = ('<p class="reliable">Calibration: both controls pass.</p>' if reliable else
               '<p class="unreliable">UNRELIABLE: a calibration control failed; see the calibration section.</p>')
+    no_oracle = no_oracle_text(arms)
+    if no_oracle:  # at the top too: every oracle figure below is n/a, and the reader must know why
+        status += f'<p class="unreliable"><strong>NO ORACLE</strong>: {html.escape(no_oracle)}</p>'
     figures = "".join(f"<figure>{svg}</figure>" for svg in svgs.values())
     gallery = "".join(gallery_html(root, arm, arms[arm], galleries.get(arm, []), settings.thumb_px)
                       for arm in settings.arms)

@@ -6,7 +6,9 @@ display frame as markdown and HTML, the data frame as CSV). Built only from
 same text and compares it byte for byte. Rules the tables keep:
 - a diverged arm reads "diverged", never as a win (its meets column is "no (diverged)");
 - where a calibration control fails, every table is marked UNRELIABLE and says which control;
-- geometry deltas with missing oracle values are flagged with the count left out.
+- geometry deltas with missing oracle values are flagged with the count left out;
+- inputs from a user's images (``world.images_dir``) have no oracle: the tables say so in a NO ORACLE
+  line and every oracle cell reads n/a.
 """
 from __future__ import annotations
 
@@ -134,9 +136,12 @@ class Table:
     note: str = ""
     data: pd.DataFrame | None = None
     unreliable: bool = False    # a calibration control failed: the status leads with a bold UNRELIABLE
+    no_oracle: str = ""         # set when inputs are a user's images: a bold NO ORACLE line under the status
 
     def markdown(self) -> str:
         status = f"**UNRELIABLE**: {self.status}" if self.unreliable else self.status
+        if self.no_oracle:
+            status += f"\n\n**NO ORACLE**: {self.no_oracle}"
         text = f"# {self.title}\n\n{status}\n\n{markdown_table(self.display)}"
         return text + (f"\n{self.note}\n" if self.note else "")
 
@@ -149,6 +154,8 @@ class Table:
         """The fragment under the page's section heading (which replaces the title)."""
         status = (f'<p class="unreliable"><strong>UNRELIABLE</strong>: {html.escape(self.status)}</p>'
                   if self.unreliable else f"<p>{html.escape(self.status)}</p>")
+        if self.no_oracle:
+            status += f'\n<p class="unreliable"><strong>NO ORACLE</strong>: {html.escape(self.no_oracle)}</p>'
         parts = [status, html_table(self.display)]
         return "\n".join(parts + ([f"<p>{html.escape(self.note)}</p>"] if self.note else []))
 
@@ -157,6 +164,23 @@ def _banner(cal: Mapping[str, Any]) -> str:
     if cal["reliable"]:
         return "Calibration: both controls pass (see calibration.md)."
     return "; ".join(cal["failures"]) + ". Win-rates below cannot be read as true nulls or wins."
+
+
+def no_oracle_text(arms: Mapping[str, Mapping[str, Any]]) -> str:
+    """The NO ORACLE line when any arm's pairs lack ground truth (a user's images), else ""."""
+    n = sum(int(m.get("n_no_oracle", 0)) for m in arms.values())
+    if not n:
+        return ""
+    total = sum(int(m["n_manifest"]) for m in arms.values())
+    return (f"the held-out inputs are a user's images (world.images_dir), which have no ground-truth shape, so "
+            f"{n} of {total} arm–base pairs have no oracle score: Geom Δ, Oracle win and judge–oracle agreement "
+            "read n/a there. The judge's win-rates stand on the judge alone.")
+
+
+def oracle_win_text(ow: Mapping[str, Any]) -> str:
+    if ow["n"] == 0 and ow.get("n_missing"):
+        return f"n/a ({ow['n_missing']} missing)"
+    return f"{fmt(ow['rate'])} ({ow['ties']})"
 
 
 def judge_win_text(m: Mapping[str, Any]) -> str:
@@ -234,7 +258,7 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], s
         ow = m["oracle_win"]
         md_rows.append([f"{m['display']} ({spec.adapts_label})", spec.regime_label, judge_win_text(m),
                         fmt_ci(m["strict_wilson_ci"]), fmt_ci(m["strict_boot_ci"]), wlf_text(m),
-                        fmt(m["flip_rate"]), geom_text(score), f"{fmt(ow['rate'])} ({ow['ties']})", probe_text(m),
+                        fmt(m["flip_rate"]), geom_text(score), oracle_win_text(ow), probe_text(m),
                         meets_text(m, cal["reliable"])])
         csv_rows.append({
             "arm": name, "intervention": m["display"], "adapts": spec.adapts_label, "regime": spec.regime, "n": m["n"],
@@ -257,7 +281,7 @@ def study_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any], s
     n_text = sorted({m["n"] for m in arms.values()})
     return Table(
         title="Study table: evaluation-judge win-rate of each arm against the base", status=_banner(cal),
-        unreliable=not cal["reliable"],
+        unreliable=not cal["reliable"], no_oracle=no_oracle_text(arms),
         display=frame(header, md_rows), data=frame(STUDY_CSV, csv_rows),
         note=f"Judge win = strict win-rate W/n (swap-consistent wins of the arm), n = {', '.join(map(str, n_text))} "
             "held-out objects; CIs are 95 % (Wilson; bootstrap over objects). Geom Δ = mean arm − base oracle score "
@@ -300,7 +324,7 @@ def severity_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any]
                          "calibration_reliable": cal["reliable"]})
     return Table(
         title="Severity table: conditioner repair across degradation severity", status=_banner(cal),
-        unreliable=not cal["reliable"],
+        unreliable=not cal["reliable"], no_oracle=no_oracle_text({n: arms[n] for _, n in repair_arms_by_severity(arms, settings)}),
         display=frame(header, md_rows), data=frame(SEVERITY_CSV, csv_rows),
         note="Clear-gap (headroom) = the evaluation judge's strict win of the base on the clean input over the base "
              "on the input degraded at that severity: how much a repair could win back.")

@@ -1,7 +1,13 @@
 """Build the procedural world: objects for every split, their meshes, voxels, clean input images,
-a manifest; and the degraded copies of the input images per severity."""
+a manifest; and the degraded copies of the input images per severity.
+
+With ``world.images_dir`` set, the train and heldout splits are a user's images instead (no
+ground-truth shape, so no oracle: their rows carry ``mesh_path``/``voxel_path`` null and
+``oracle: false``); judge_train and judge_eval stay procedural, since the mini judges learn from
+ground truth."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -18,6 +24,10 @@ from judge3d.world.shapes import CATEGORIES, build_shape
 from judge3d.world.voxel import voxelize
 
 SPLITS = ("train", "judge_train", "judge_eval", "heldout")
+# world.images_dir: the splits a user's images replace, and the image files read there.
+USER_SPLITS = ("train", "heldout")
+USER_CATEGORY = "user"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Bump when shapes, voxelization or rendering change in a way that changes the files, so a
 # resumed build does not keep objects made by older code.
 BUILD_VERSION = 1
@@ -35,6 +45,7 @@ class WorldConfig:
     elevation_deg: float
     background: tuple[int, int, int]
     alpha: bool  # RGBA input images (the object's cut-out in alpha) instead of RGB
+    images_dir: str | None = None  # a user's train/ and heldout/ images replace those splits' objects
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "WorldConfig":
@@ -58,7 +69,18 @@ class WorldConfig:
             background=tuple(background),
             alpha=require(params, "world.image.alpha", bool,
                           hint="true writes RGBA cut-outs (TRELLIS), false RGB (the mini generator)."),
+            images_dir=images_dir_param(params),
         )
+
+
+def images_dir_param(params: Mapping[str, Any]) -> str | None:
+    """``world.images_dir``: None (the procedural world) or a non-empty folder path. A params file
+    from before the key existed reads as None."""
+    world = params.get("world")
+    value = world.get("images_dir") if isinstance(world, Mapping) else None
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ParamsError(f"params.yaml: 'world.images_dir' must be null or a folder path, got {value!r}")
+    return value
 
 
 def plan_objects(cfg: WorldConfig) -> list[dict[str, Any]]:
@@ -113,6 +135,12 @@ def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *
     done = _finished_objects(partial, root)
 
     planned = plan_objects(cfg)
+    user_rows: dict[str, list[dict[str, Any]]] = {}
+    if cfg.images_dir is not None:
+        # Read first: a bad folder fails before minutes of procedural building. The judge splits are
+        # planned with every split as before, so their objects match the procedural world's.
+        user_rows = user_image_rows(cfg, out_dir, root)
+        planned = [p for p in planned if p["split"] not in USER_SPLITS]
 
     def reusable(plan) -> bool:
         previous = done.get(plan["object_id"])
@@ -132,10 +160,94 @@ def build_world(params: Mapping[str, Any], out_dir: str | Path = "data/world", *
             row["build_key"] = _build_key(plan, cfg)
             log.append(row)
             rows.append(row)
+    if user_rows:
+        rows = [r for split in SPLITS
+                for r in (user_rows[split] if split in user_rows else [x for x in rows if x["split"] == split])]
     manifest = [{k: v for k, v in r.items() if k not in ("build_key", "sha256")} for r in rows]
     write_jsonl(out_dir / "manifest.jsonl", manifest)
     partial.unlink()
     return manifest
+
+
+def _safe_stem(stem: str) -> str:
+    """A file stem as an object-id part: letters, digits, '_' and '-' (ids name files and DVC paths)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:64] or "image"
+
+
+def user_image_files(images_dir: str | Path, root: str | Path = ".") -> dict[str, list[Path]]:
+    """The image files of ``<images_dir>/train`` and ``<images_dir>/heldout``, sorted by name; a
+    relative ``images_dir`` is taken from ``root``. Hidden files and other suffixes are skipped."""
+    folder = Path(images_dir).expanduser()
+    folder = folder if folder.is_absolute() else Path(root) / folder
+    layout = (f"it must hold subfolders {' and '.join(f'{s}/' for s in USER_SPLITS)} of images "
+              f"({', '.join(IMAGE_SUFFIXES)}; RGBA cut-outs suit TRELLIS best)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"world.images_dir = {str(images_dir)!r}: no folder {folder}; {layout}, "
+                                "or set world.images_dir to null for the procedural world.")
+    out = {}
+    for split in USER_SPLITS:
+        sub = folder / split
+        if not sub.is_dir():
+            raise FileNotFoundError(f"world.images_dir: {sub} not found; {layout}.")
+        files = sorted(p for p in sub.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"world.images_dir: {sub} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                             f"add at least one, since the study needs both {' and '.join(USER_SPLITS)} inputs.")
+        out[split] = files
+    return out
+
+
+def normalize_user_image(path: Path, cfg: WorldConfig) -> np.ndarray:
+    """A user's image in the world's input format: centred on a square canvas (aspect kept), resized
+    to ``world.image.size``; RGBA when ``world.image.alpha`` (an opaque image keeps alpha 255), else
+    RGB composited over ``world.image.background``."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgba = Image.fromarray(image_pixels(im)).convert("RGBA")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"world.images_dir: {path} is not a readable image ({exc}); replace or remove "
+                         "the file.") from exc
+    side = max(rgba.size)
+    canvas = Image.new("RGBA", (side, side), (*cfg.background, 0))
+    canvas.paste(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
+    canvas = canvas.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
+    if cfg.alpha:
+        return np.asarray(canvas, dtype=np.uint8)
+    flat = Image.new("RGBA", canvas.size, (*cfg.background, 255))
+    flat.alpha_composite(canvas)
+    return np.asarray(flat.convert("RGB"), dtype=np.uint8)
+
+
+def user_image_rows(cfg: WorldConfig, out_dir: Path, root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Manifest rows of the user's images per split, each image normalized into ``<out_dir>/images``
+    (so DVC tracks the inputs the study used). object_id = ``<split>-<file stem made safe>``, with
+    ``-2``, ``-3``... where two stems collide. No ground truth: mesh_path, voxel_path null."""
+    files = user_image_files(cfg.images_dir, root)
+    out: dict[str, list[dict[str, Any]]] = {}
+    taken: set[str] = set()
+    for split in USER_SPLITS:
+        rows = []
+        for index, path in enumerate(files[split]):
+            base = f"{split}-{_safe_stem(path.stem)}"
+            object_id, k = base, 1
+            while object_id in taken:
+                k += 1
+                object_id = f"{base}-{k}"
+            taken.add(object_id)
+            image_path = out_dir / "images" / f"{object_id}.png"
+            Image.fromarray(normalize_user_image(path, cfg)).save(image_path)
+            rows.append({"object_id": object_id, "split": split, "index": index, "category": USER_CATEGORY,
+                         "source": f"{split}/{path.name}", "mesh_path": None, "voxel_path": None,
+                         "image_path": _rel(image_path, root), "oracle": False})
+        out[split] = rows
+    return out
+
+
+def has_ground_truth(row: Mapping[str, Any]) -> bool:
+    """False for a world row from ``world.images_dir`` (a user's image: no mesh, no voxels)."""
+    return row.get("oracle") is not False and row.get("mesh_path") is not None
 
 
 def _finished_objects(partial: Path, root: Path) -> dict[str, dict[str, Any]]:

@@ -248,6 +248,20 @@ def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum()) / union if union > 0 else 0.0
 
 
+ORACLE_KEYS = ("iou", "chamfer_l1", "fscore", "precision", "recall", "normal_consistency", "oracle_score")
+
+
+def no_oracle_metrics(pred_mesh, pred_flags: Mapping[str, bool] | None = None) -> dict[str, Any]:
+    """:func:`oracle_metrics`'s fields for a prediction with no ground truth to score against (a
+    user's input image): every oracle value None, never a number; the prediction's own flags kept."""
+    flags = _no_flags()
+    if pred_flags:
+        flags.update({k: bool(pred_flags.get(k, False)) for k in FLAG_KEYS})
+    flags.update({k: v for k, v in mesh_flags(pred_mesh).items() if v})
+    flags["empty"] = bool(flags["empty"] or flags["missing"] or flags["corrupt"])
+    return {**dict.fromkeys(ORACLE_KEYS), **flags}
+
+
 def worst_metrics(flags: Mapping[str, bool]) -> dict[str, Any]:
     out = {"iou": 0.0, "chamfer_l1": CHAMFER_CAP, "fscore": 0.0, "precision": 0.0, "recall": 0.0,
            "normal_consistency": 0.0, "oracle_score": 0.0}
