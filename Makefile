@@ -38,11 +38,12 @@ browser:
 	  || echo "chromium not installed: the HTML-report browser test will be skipped"; }
 
 # dev: the test tools; trellis-cpu: spconv's CPU build and the small packages TRELLIS's model code
-# imports, so the TRELLIS backend tests run on a CPU-only machine (they skip without TRELLIS source).
+# imports, so the TRELLIS backend tests run on a CPU-only machine (they skip without TRELLIS source);
+# serve: `judge3d serve` and the OpenAI-compatible judge client.
 $(STAMP):
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,trellis-cpu]'
+	$(PY) -m pip install -q -e '.[dev,trellis-cpu,serve]'
 	@touch $(STAMP)
 
 repro: setup

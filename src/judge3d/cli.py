@@ -30,6 +30,33 @@ def _run_profile(name: str, dvc_args: list[str]) -> int:
     return subprocess.run(command).returncode
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``judge3d serve``: check the bind before loading the model, load it as the pipeline does, serve."""
+    from judge3d.judges import serve as srv
+    from judge3d.judges.hf import HFJudge, JudgeLoadError
+
+    try:
+        token = srv.resolve_token(args.host, args.token)
+    except srv.ServeConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # the loader behind judge3d.pipeline.judging.load_judge, with the judge.* params as flags
+        judge = HFJudge.load(args.model_dir, dtype=args.dtype, device=args.device,
+                             attn_implementation=args.attn_implementation, batch_size=args.batch_size, name=args.name)
+    except JudgeLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model_id = judge.judge_id.rsplit("@", 1)[0]
+    limits = {k: v for k, v in (("max_image_bytes", args.max_image_bytes), ("max_pixels", args.max_pixels))
+              if v is not None}
+    print(f"serving {judge.judge_id} on http://{args.host}:{args.port}/v1"
+          + (" (bearer token required)" if token else ""), flush=True)
+    srv.serve(judge, host=args.host, port=args.port, token=token, model_id=model_id,
+              revision=judge.weights_hash, **limits)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="judge3d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     deps = sub.add_parser("dvc-deps", help="list (or --write) project modules a stage imports but dvc.yaml does not list")
     deps.add_argument("--write", action="store_true", help="add them to dvc.yaml (comments kept) and regenerate the arm stages")
     deps.add_argument("--dvc-yaml", default="dvc.yaml")
+    srv = sub.add_parser("serve", help="serve a judge model dir as an OpenAI-compatible endpoint "
+                                       "(POST /v1/chat/completions, GET /v1/models)")
+    srv.add_argument("model_dir", help="the judge: a saved HF model dir or hub id, as judges.*.model in params.yaml")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--token", default=None, help="bearer token every request must carry (default: "
+                                                   "$JUDGE3D_SERVE_TOKEN; none on loopback)")
+    srv.add_argument("--dtype", default="float32")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--attn-implementation", default="sdpa")
+    srv.add_argument("--batch-size", type=int, default=16)
+    srv.add_argument("--name", default=None, help="served model id (default: MODEL_DIR as given, the in-process "
+                                                  "judge's name, so both backends get the same judge_id)")
+    srv.add_argument("--max-image-bytes", type=int, default=None)
+    srv.add_argument("--max-pixels", type=int, default=None)
     args = parser.parse_args(argv)
 
     try:
@@ -88,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             if not missing and not extra:
                 print(f"dvc-deps: every stage lists exactly the project modules it imports ({args.dvc_yaml})")
             return 1 if (missing or extra) and not args.write else 0
+        if args.command == "serve":
+            return _serve(args)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
