@@ -22,11 +22,14 @@ pytest.importorskip("openai")
 from PIL import Image  # noqa: E402
 
 from judge3d import cli  # noqa: E402
+from pathlib import Path  # noqa: E402
 from judge3d.judges.hf import HFJudge, prompt_content  # noqa: E402
 from judge3d.judges.openai_client import AnswerError, OpenAIJudge, p_first_from_top_logprobs  # noqa: E402
 from judge3d.judges.protocol import Pair, pair_verdicts, run_pairs  # noqa: E402
 from judge3d.judges.serve import TOKEN_ENV, make_app, parse_request  # noqa: E402
 from judge3d.judges.tiny import TinyLMSize, TinySizes, TinyVisionSize, build_tiny_qwen25vl  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL = TinySizes(lm=TinyLMSize(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128),
                   vision=TinyVisionSize(hidden=32, depth=2, heads=2, intermediate=64, patch=14), image_size=56)
@@ -213,3 +216,26 @@ def test_answer_without_either_letter_names_the_query(server, montages):
         completions=types.SimpleNamespace(create=lambda **_: next(answers))))
     with pytest.raises(AnswerError, match=rf"query 1 \(first={montages[2]}, second={montages[0]}\): neither answer"):
         remote.p_first([(montages[0], montages[1]), (montages[2], montages[0])], PROMPTS[0])
+
+
+def test_params_name_a_server_and_the_pipeline_judges_through_it(server, local_judge, montages, monkeypatch):
+    """judge.servers.<role> in params.yaml turns the pipeline's judge (load_judge) into a client of that
+    server, asking for judges.<role>.model; null keeps it in-process."""
+    import copy
+
+    from judge3d.core.config import ParamsError, load_params
+    from judge3d.pipeline.judging import load_judge
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    assert params["judge"]["servers"] == {"train": None, "eval": None}    # the default: in-process
+    monkeypatch.setenv("JUDGE3D_SERVE_TOKEN", TOKEN)
+    params["judge"]["servers"]["eval"] = server
+    params["judges"]["eval"]["model"] = local_judge.judge_id.rsplit("@", 1)[0]
+    remote = load_judge(params, "eval")
+    assert isinstance(remote, OpenAIJudge) and remote.judge_id == local_judge.judge_id
+    pairs = [(montages[0], montages[1]), (montages[1], montages[0])]
+    prompt = params["judge"]["prompt"]
+    np.testing.assert_allclose(remote.p_first(pairs, prompt), local_judge.p_first(pairs, prompt), rtol=0, atol=1e-6)
+    params["judge"]["servers"]["eval"] = "  "
+    with pytest.raises(ParamsError, match="judge.servers.eval"):
+        load_judge(params, "eval")

@@ -128,7 +128,20 @@ def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: s
 
 
 def load_judge(params: Mapping[str, Any], role: str, model: str | None = None):
-    """The hf judge of ``role`` ('train' | 'eval') with dtype/device/attention/batch from params ``judge.*``."""
+    """The judge of ``role`` ('train' | 'eval'): in-process (hf, with dtype/device/attention/batch from
+    params ``judge.*``), or, where ``judge.servers.<role>`` names an OpenAI-compatible server, a client of
+    the model it serves as ``judges.<role>.model`` (concurrency and retries from ``judge.client``)."""
+    server = require(params, f"judge.servers.{role}", (str, type(None)), check=lambda v: v is None or bool(v.strip()),
+                     hint="the server's base URL, e.g. http://127.0.0.1:8000/v1, or null to load the judge in-process")
+    if server is not None:
+        from judge3d.judges.openai_client import OpenAIJudge
+
+        get = lambda key, kind, check: require(params, f"judge.client.{key}", kind, check=check)  # noqa: E731
+        return OpenAIJudge(server, model or require(params, f"judges.{role}.model", str),
+                           workers=get("workers", int, lambda v: v >= 1),
+                           max_retries=get("max_retries", int, lambda v: v >= 0),
+                           timeout=get("timeout_s", float, lambda v: v > 0),
+                           top_logprobs=get("top_logprobs", int, lambda v: v >= 2))
     from judge3d.judges.hf import HFJudge
 
     return HFJudge.load(
