@@ -31,7 +31,7 @@ def main() -> None:
         summary = prepare_base(args.out, pipeline=require(params, "base.trellis.pipeline", str),
                                conditioner=require(params, "base.trellis.conditioner", str),
                                resolution=require(params, "base.trellis.resolution", int, check=lambda v: v > 0),
-                               seed=require(params, "seed", int),
+                               seed=require(params, "train_seed", int),
                                pair_guidance=require(params, "base.trellis.pair_guidance", bool),
                                compile=require(params, "base.trellis.compile", bool))
         # No loss curve: the (empty) plots folder is still this stage's output.

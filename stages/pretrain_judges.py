@@ -27,7 +27,7 @@ def main() -> None:
                    hint="Use qwen2_5_vl (training judge) or internvl (evaluation judge).")
     split = require(params, f"judges.{args.role}.objects_split", str)
     sizes = TinySizes.from_params(require(params, f"judges.tiny.{arch}", dict))
-    cfg = TrainConfig.from_params(require(params, "judges.training", dict))
+    cfg = TrainConfig.from_params(require(params, "judges.training", dict), require(params, "train_seed", int))
     prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
 
     rows = read_jsonl(args.candidates)

@@ -54,7 +54,7 @@ def method_params(**over) -> dict:
               "orpo": {"lambda": 0.1, "c": 1.0}, "probe": {"n_objects": 3, "threshold": 3.0},
               "repair": {"hidden": 32, "lr": 1e-2, "steps": 40, "batch": 4, "checkpoint_every": 100}}
     method["train"].update(over)
-    return {"seed": 0, "method": method,
+    return {"seed": 0, "train_seed": 0, "method": method,
             "arms": {"sft_best": {"kind": "sft_best"}, "dpo": {"kind": "dpo"},
                      "dpo_strong": {"kind": "dpo", "beta": 0.5}, "orpo": {"kind": "orpo"},
                      "sft_clean": {"kind": "sft_clean", "severity": "severe"},
@@ -279,7 +279,7 @@ def test_param_keys_follow_overrides(tmp_path):
     assert arm_spec(params, "dpo_strong").settings["beta"] == 0.5
     assert "method.beta" not in arm_spec(params, "sft_best").param_keys
     assert arm_spec(params, "dpo_strong").param_keys[-2:] == ["arms.dpo_strong.beta", "method.reduction"]
-    assert arm_spec(params, "repair_severe").param_keys == ["seed", "base.device", "arms.repair_severe.kind", "arms.repair_severe.severity",
+    assert arm_spec(params, "repair_severe").param_keys == ["train_seed", "base.device", "arms.repair_severe.kind", "arms.repair_severe.severity",
                                                             "method.repair", "method.probe"]
     partial = copy.deepcopy(params)
     partial["arms"]["orpo"]["lora"] = {"rank": 2}          # a partial override still reads method.lora

@@ -89,7 +89,7 @@ def changed_keys(before: dict, after: dict) -> set[str]:
 
 
 def method_params(stage: str, **arms) -> dict:
-    return {"seed": 0, "method": {
+    return {"seed": 0, "train_seed": 0, "method": {
         "beta": 0.1, "reduction": "mean",
         "train": {"lr": 1e-2, "steps": 2, "batch": 3, "grad_clip": 1.0, "p_uncond": 0.0, "checkpoint_every": 10},
         "lora": {"stage": stage, "rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": TARGETS[stage]},

@@ -117,7 +117,7 @@ def arm_spec(params: Mapping[str, Any], arm: str) -> ArmSpec:
         raise ParamsError(f"params.yaml: arms.{arm} sets {sorted(unknown)}, which a '{kind}' arm does not read "
                           f"(it reads {list(ARM_ONLY_KEYS) + list(wanted)})")
     severity = None
-    keys = ["seed", "base.device", f"arms.{arm}.kind"]
+    keys = ["train_seed", "base.device", f"arms.{arm}.kind"]
     if kind in SEVERITY_KINDS:
         severity = require(params, f"arms.{arm}.severity", str, check=lambda s: s in SEVERITIES,
                            hint=f"severity must be one of {list(SEVERITIES)}.")

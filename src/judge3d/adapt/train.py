@@ -278,7 +278,7 @@ def run_arm(params: Mapping[str, Any], arm: str, out_dir: str | Path, paths: Arm
 
     paths = paths or ArmInputs()
     spec = arm_spec(params, arm)
-    seed = require(params, "seed", int)
+    seed = require(params, "train_seed", int)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -146,7 +146,7 @@ def pretrain_checkpoint(params: dict[str, Any], out_dir: str | Path, *inputs: to
     """This run's checkpoint: outside the stage's DVC outputs (which DVC deletes before a rerun), keyed
     by the settings, the seed and the training tensors themselves (:mod:`judge3d.core.resume`)."""
     data = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in inputs]
-    run_fp = fingerprint(require(params, "base", dict), require(params, "seed", int), data)
+    run_fp = fingerprint(require(params, "base", dict), require(params, "train_seed", int), data)
     return Checkpointing(checkpoint_dir(out_dir, run_fp), run_fp,
                          require(params, "base.train.checkpoint_every", int, check=lambda v: v > 0))
 
@@ -156,7 +156,7 @@ def pretrain(params: dict[str, Any], manifest: str | Path, out_dir: str | Path, 
     """Train and save the base generator, logging to dvclive ``live``; returns a summary (final loss,
     wall time, sizes)."""
     settings = TrainSettings.from_params(params)
-    seed = require(params, "seed", int)
+    seed = require(params, "train_seed", int)
     torch.set_num_threads(settings.threads)
     seed_everything(derive_seed(seed, "pretrain-base"))
     out_dir = Path(out_dir)

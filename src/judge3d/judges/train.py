@@ -61,12 +61,17 @@ class TrainConfig:
     checkpoint_every: int = 100
 
     @classmethod
-    def from_params(cls, block: dict[str, Any]) -> "TrainConfig":
-        known = set(cls.__dataclass_fields__)
+    def from_params(cls, block: dict[str, Any], seed: int) -> "TrainConfig":
+        """From params ``judges.training``; ``seed`` is params ``train_seed``, shared with the generator
+        and the arms so that one value retrains every model."""
+        if "seed" in block:
+            raise ValueError("judges.training.seed is gone: the judges train with the top-level train_seed "
+                             "(shared with pretrain-base and the arms); delete the key.")
+        known = set(cls.__dataclass_fields__) - {"seed"}
         unknown = sorted(set(block) - known)
         if unknown:
             raise ValueError(f"judges.training: unknown keys {unknown}; known: {sorted(known)}")
-        cfg = cls(**block)
+        cfg = cls(**block, seed=int(seed))
         if cfg.paired_orders and cfg.batch_size % 2:
             raise ValueError(f"judges.training.batch_size {cfg.batch_size} must be even with paired_orders "
                              "(each pair is shown in both orders).")
