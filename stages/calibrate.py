@@ -1,10 +1,12 @@
 """Stage `calibrate`: the evaluation judge's controls on held-out base outputs, both orders.
 
-clear-gap (high vs low budget, clean input), headroom per severity (clean vs degraded input, default
-budget, same seed), base-vs-base (seeds s0 vs s1); the training judge on the clear-gap pairs for
-Cohen's kappa. Outputs: <out-dir>/eval_<control>.jsonl + train_clear_gap.jsonl (raw logs; a rerun
-asks only unlogged queries), the metrics JSON (pass/fail vs params thresholds) and the flip-rate vs
-|oracle gap| plot data. Params: calibrate.*, judge.*, judges.{train,eval}.model.
+clear-gap (a base output vs the same output deliberately degraded by a corruption the judges never
+trained on: stage clear-gap-meshes), headroom per severity (clean vs degraded input, default budget,
+same seed), base-vs-base (seeds s0 vs s1). The training judge answers the same pairs, for Cohen's
+kappa and its own reliability. Outputs: <out-dir>/{eval,train}_<control>.jsonl (raw logs; a rerun
+asks only unlogged queries), the metrics JSON (pass/fail vs params thresholds) and plot data: the
+flip rate vs |oracle gap|, and each judge's reliability and coverage curves.
+Params: calibrate.*, judge.*, judges.{train,eval}.model.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-judge", default=None, help="default: params judges.train.model")
     parser.add_argument("--out-dir", default="data/calibration")
     parser.add_argument("--metrics", default="metrics/calibration.json")
-    parser.add_argument("--plot", default="metrics/plots/flip_vs_gap.csv")
+    parser.add_argument("--plots-dir", default="metrics/plots",
+                        help="flip_vs_gap.csv, reliability_<judge>.csv and coverage_<judge>.csv go here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
     eval_judge = load_judge(params, "eval", args.eval_judge)
     train_judge = load_judge(params, "train", args.train_judge)
-    m = run_calibrate(eval_judge, train_judge, args.montages_dir, args.out_dir, args.metrics, args.plot, params,
+    m = run_calibrate(eval_judge, train_judge, args.montages_dir, args.out_dir, args.metrics, args.plots_dir, params,
                       prompt, show_progress=not args.no_progress)
     cg, bvb = m["clear_gap"], m["base_vs_base"]
     print(f"calibrate [{m['eval_judge_id']}]: clear-gap strict {cg['strict']} {cg['strict_wilson_ci']} "
@@ -44,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     for severity, h in m["headroom"].items():
         print(f"  headroom {severity}: strict {h['strict']} {h['strict_wilson_ci']} flip {h['flip_rate']}")
     a = m["agreement"]
-    print(f"  kappa(train, eval) on clear-gap: {a['kappa']} {a['kappa_ci']}; judge-oracle agreement "
+    for role, conf in m["confidence"].items():
+        print(f"  {role} judge: ECE {conf['reliability']['ece']} {conf['reliability']['ece_ci']}, agreement "
+              f"(no filter) {conf['coverage']['points'][0]['agreement']}")
+    print(f"  kappa(train, eval) on all calibration pairs: {a['kappa']} {a['kappa_ci']}; judge-oracle agreement "
           f"{m['judge_oracle_agreement']}; flip~gap r {m['flip_vs_gap']['correlation']['r']}; "
           f"passed: {m['passed']}")
     return 0

@@ -1,5 +1,6 @@
-"""Stage `report`: the study and severity tables (md + csv), the calibration block, plot data for
-`dvc plots` and one static reports/report.html, from metrics/ and the raw logs (cheap: no model)."""
+"""Stage `report`: the study and severity tables (md + csv), the calibration block, the Bradley–Terry
+ranking (metrics/ranking.json + reports/ranking.md|csv), plot data for `dvc plots` and one static
+reports/report.html, from metrics/ and the raw logs (cheap: no model)."""
 from __future__ import annotations
 
 import _stage_env  # noqa: F401  (first: checks the venv, pins CPU numerics before torch)

@@ -164,11 +164,11 @@ def _calibration(tmp: Path, params: dict, quality: dict, ok: bool, eval_judge, o
     judge = eval_judge if ok else ScriptedBackend("eval-judge@test", quality, scale=0.0, bias=1.0)
     for name, ps in pairs.items():
         _run(tmp, judge, ps, f"data/calibration/eval_{name}.jsonl")
-    _run(tmp, ScriptedBackend("train-judge@test", quality), pairs["clear_gap"], "data/calibration/train_clear_gap.jsonl")
+    for name, ps in pairs.items():
+        _run(tmp, ScriptedBackend("train-judge@test", quality), ps, f"data/calibration/train_{name}.jsonl")
     write_json(tmp / "metrics/calibration.json", calibration_metrics_from_dir(tmp / "data/calibration", params))
-    from judge3d.pipeline.judging import write_plot_csv
-    from judge3d.report.judge_metrics import flip_vs_gap_csv_rows
-    write_plot_csv(tmp / "metrics/plots/flip_vs_gap.csv", flip_vs_gap_csv_rows(read_cal(tmp)))
+    from judge3d.pipeline.judging import write_calibration_plots
+    write_calibration_plots(tmp / "metrics/plots", read_cal(tmp))
 
     label_pairs = [Pair(f"lab:{p.object_id}", p.object_id, p.x, p.y, "high", "low", p.x_oracle, p.y_oracle)
                    for p in pairs["clear_gap"]]

@@ -87,9 +87,10 @@ def train_manifest(tmp_path):
 
 
 def _heldout(tmp_path, bvb_gap=0.01, clear=(0.9, 0.1), n=4, severities=("mild", "severe")):
-    """heldout_clean (default s0, s1, high, low) + heldout_<sev> (default s0, same seed) per object."""
+    """heldout_clean (default s0, s1, high, low) + heldout_<sev> (default s0, same seed) per object, and
+    clear_gap: each default s0 output's degraded copy (quality ``clear[1]``), as clear-gap-meshes writes it."""
     root = tmp_path / "montages"
-    clean = []
+    clean, corrupted = [], []
     sev_rows = {s: [] for s in severities}
     for j in range(n):
         oid = f"h{j}"
@@ -98,10 +99,13 @@ def _heldout(tmp_path, bvb_gap=0.01, clear=(0.9, 0.1), n=4, severities=("mild", 
         clean.append(_row(tmp_path, "heldout_clean", oid, "default", 0.6 + bvb_gap * (-1) ** j, 0.6 + bvb_gap, seed1, 1))
         clean.append(_row(tmp_path, "heldout_clean", oid, "high", clear[0], clear[0], 3000 + j))
         clean.append(_row(tmp_path, "heldout_clean", oid, "low", clear[1], clear[1], 4000 + j))
+        corrupted.append(dict(_row(tmp_path, "clear_gap", oid, "default", clear[1], clear[1], seed0, 0),
+                              candidate=f"{oid}_default_s0__coarsen2", source_candidate=f"{oid}_default_s0"))
         for s in severities:
             q = {"mild": 0.57, "medium": 0.4, "severe": 0.2}[s]
             sev_rows[s].append(_row(tmp_path, f"heldout_{s}", oid, "default", q, q, seed0, 0, regime=s))
     write_jsonl(root / "heldout_clean" / "manifest.jsonl", clean)
+    write_jsonl(root / "clear_gap" / "manifest.jsonl", corrupted)
     for s, rows in sev_rows.items():
         write_jsonl(root / f"heldout_{s}" / "manifest.jsonl", rows)
     return root, clean, sev_rows
@@ -125,8 +129,10 @@ def test_pairing_builds_the_expected_pairs(tmp_path, train_manifest):
     assert len(iid) == 6 and len({p.pair_id for p in iid}) == 6
 
     _, clean, sev = _heldout(tmp_path)
-    cg = clear_gap_pairs(clean)
-    assert len(cg) == 4 and all("_high_" in p.x_candidate and "_low_" in p.y_candidate for p in cg)
+    corrupted = read_jsonl(tmp_path / "montages" / "clear_gap" / "manifest.jsonl")
+    cg = clear_gap_pairs(clean, list(reversed(corrupted)))
+    assert [p.object_id for p in cg] == ["h0", "h1", "h2", "h3"]
+    assert all(p.x_candidate.endswith("default_s0") and p.y_candidate == p.x_candidate + "__coarsen2" for p in cg)
     bvb = base_vs_base_pairs(list(reversed(clean)))  # row order must not decide which seed is s0
     assert all(p.x_candidate.endswith("default_s0") and p.y_candidate.endswith("default_s1") for p in bvb)
     hr = headroom_pairs(clean, sev["mild"], "mild")
@@ -153,8 +159,11 @@ def test_pairing_rejects_broken_manifests(tmp_path, train_manifest):
         headroom_pairs(clean, [dict(sev["mild"][0], seed=9)], "mild")
     with pytest.raises(ValueError, match="two seeds"):
         base_vs_base_pairs([r for r in clean if r["seed_index"] == 0 or r["budget"] != "default"])
-    nan_oracle = clear_gap_pairs([dict(r, oracle_score=float("nan")) for r in clean])
+    corrupted = read_jsonl(tmp_path / "montages" / "clear_gap" / "manifest.jsonl")
+    nan_oracle = clear_gap_pairs([dict(r, oracle_score=float("nan")) for r in clean], corrupted)
     assert nan_oracle[0].x_oracle is None  # unknown, not a number
+    with pytest.raises(ValueError, match="source candidate 'h0_default_s9'"):
+        clear_gap_pairs(clean, [dict(corrupted[0], source_candidate="h0_default_s9")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,23 +234,26 @@ def test_labels_rerun_and_resume(tmp_path, train_manifest):
 # --------------------------------------------------------------------------------------------
 def test_calibrate_stage_end_to_end_and_rerun(tmp_path):
     root, _, _ = _heldout(tmp_path, bvb_gap=0.01)
-    out, met, plot = tmp_path / "cal", tmp_path / "metrics/calibration.json", tmp_path / "metrics/plots/fvg.csv"
+    out, met, plots = tmp_path / "cal", tmp_path / "metrics/calibration.json", tmp_path / "metrics/plots"
+    plot = plots / "flip_vs_gap.csv"
     ev, tr = FakeJudge("eval@aaaaaaaaaaaa"), FakeJudge("train@bbbbbbbbbbbb", bias=-0.3)
-    m = run_calibrate(ev, tr, root, out, met, plot, PARAMS, PROMPT, show_progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["eval_base_vs_base.jsonl", "eval_clear_gap.jsonl",
-                                                     "eval_headroom_mild.jsonl", "eval_headroom_severe.jsonl",
-                                                     "flagged.jsonl", "train_clear_gap.jsonl"]
+    m = run_calibrate(ev, tr, root, out, met, plots, PARAMS, PROMPT, show_progress=False)
+    controls = ["base_vs_base", "clear_gap", "headroom_mild", "headroom_severe"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{j}_{c}.jsonl" for j in ("eval", "train") for c in controls),
+                                                            "flagged.jsonl"])
+    assert sorted(p.name for p in plots.iterdir()) == ["coverage_eval.csv", "coverage_train.csv", "flip_vs_gap.csv",
+                                                       "reliability_eval.csv", "reliability_train.csv"]
     assert (out / "flagged.jsonl").read_text() == "" and m["n_flagged"] == 0  # no render flags in this fixture
-    assert ev.queries == 2 * 4 * 4 and tr.queries == 2 * 4
+    assert ev.queries == 2 * 4 * 4 and tr.queries == 2 * 4 * 4
     assert m["clear_gap"]["strict"] == 1.0 and m["clear_gap"]["pass"] is True
     # base-vs-base gap 0.01 < the fake's position bias: every pair flips, decisive undefined -> fail
     assert m["base_vs_base"]["flip_rate"] == 1.0 and m["base_vs_base"]["decisive"] is None
     assert m["base_vs_base"]["pass"] is False and m["passed"] is False and m["failed_controls"] == ["base_vs_base"]
     # headroom: clean 0.6 vs mild 0.57 flips (gap 0.03), vs severe 0.2 is a clear win
     assert m["headroom"]["mild"]["flip_rate"] == 1.0 and m["headroom"]["severe"]["strict"] == 1.0
-    # both judges say x on every clear-gap pair: full agreement, but kappa is 0/0 (chance agreement 1)
-    assert m["agreement"]["n"] == 4 and m["agreement"]["observed_agreement"] == 1.0
-    assert m["agreement"]["kappa"] is None
+    # kappa pools every control's pairs, which both judges answered
+    assert m["agreement"]["n"] == 16 and m["agreement"]["n_only_a"] == m["agreement"]["n_only_b"] == 0
+    assert set(m["confidence"]) == {"eval", "train"} and m["confidence"]["eval"]["n_oracle"] == 16
     csv_lines = plot.read_text().splitlines()
     assert csv_lines[0].startswith("bin,gap_lo,gap_hi,gap_mid")
     # gaps: bvb 0.01 (4) + mild 0.03 (4) in [0, 0.1) all flip; severe 0.4 (4) in [0.1, 0.5); clear 0.8 (4) in [0.5, 1]
@@ -250,11 +262,11 @@ def test_calibrate_stage_end_to_end_and_rerun(tmp_path):
     assert [b["flip_rate"] for b in m["flip_vs_gap"]["bins"]] == [1.0, 0.0, 0.0]
     assert m["flip_vs_gap"]["correlation"]["r"] < 0
 
-    before = met.read_bytes(), plot.read_bytes()
+    before = met.read_bytes(), {p.name: p.read_bytes() for p in plots.iterdir()}
     ev2, tr2 = FakeJudge("eval@aaaaaaaaaaaa"), FakeJudge("train@bbbbbbbbbbbb", bias=-0.3)
-    run_calibrate(ev2, tr2, root, out, met, plot, PARAMS, PROMPT, show_progress=False)
+    run_calibrate(ev2, tr2, root, out, met, plots, PARAMS, PROMPT, show_progress=False)
     assert ev2.queries == 0 and tr2.queries == 0
-    assert (met.read_bytes(), plot.read_bytes()) == before
+    assert (met.read_bytes(), {p.name: p.read_bytes() for p in plots.iterdir()}) == before
     again = calibration_metrics_from_dir(out, PARAMS)
     assert json.dumps(again, sort_keys=True) == json.dumps(read_json(met), sort_keys=True)
 
@@ -283,7 +295,8 @@ def _calibrate(clear, bvb, params=PARAMS):
     eval_rows = {"clear_gap": _crafted_rows(clear, prefix="clear_gap"),
                  "base_vs_base": _crafted_rows(bvb, prefix="base_vs_base"),
                  "headroom_mild": _crafted_rows([WIN, FLIP], prefix="headroom_mild")}
-    return calibration_metrics(eval_rows, _crafted_rows(clear, judge_id="train@y", prefix="clear_gap"), params)
+    train_rows = {name: [dict(r, judge_id="train@y") for r in rows] for name, rows in eval_rows.items()}
+    return calibration_metrics(eval_rows, train_rows, params)
 
 
 def test_calibration_pass_fail_follows_the_thresholds():
@@ -307,8 +320,8 @@ def test_calibration_pass_fail_follows_the_thresholds():
     stricter["calibrate"]["thresholds"]["clear_gap_min_strict"] = 0.95
     assert _calibrate([WIN] * 9 + [FLIP], [WIN, LOSS], stricter)["clear_gap"]["pass"] is False
 
-    # kappa between judges on the clear-gap pairs: identical verdicts -> 1 (categories x / flip present)
-    assert ok["agreement"]["kappa"] == 1.0 and ok["agreement"]["n"] == 10
+    # kappa between judges over every control's pairs (10 + 5 + 2): identical verdicts -> 1
+    assert ok["agreement"]["kappa"] == 1.0 and ok["agreement"]["n"] == 17
     # oracle: x is better in every crafted pair; consistent verdicts agree iff x won
     assert ok["clear_gap"]["judge_oracle_agreement"] == 1.0
     assert ok["base_vs_base"]["judge_oracle_agreement"] == 0.5
@@ -326,7 +339,12 @@ def test_calibration_rejects_bad_params_and_mixed_judges():
     mixed = {"clear_gap": _crafted_rows([WIN], prefix="clear_gap"),
              "base_vs_base": _crafted_rows([WIN], judge_id="other@z", prefix="base_vs_base")}
     with pytest.raises(ValueError, match="one judge"):
-        calibration_metrics(mixed, _crafted_rows([WIN], judge_id="train@y", prefix="clear_gap"), PARAMS)
+        calibration_metrics(mixed, {name: [dict(r, judge_id="train@y") for r in rows] for name, rows in mixed.items()},
+                            PARAMS)
+    one_control = {"clear_gap": mixed["clear_gap"], "base_vs_base": _crafted_rows([WIN], prefix="base_vs_base")}
+    with pytest.raises(ValueError, match="both judge every control"):
+        calibration_metrics(one_control, {"clear_gap": [dict(r, judge_id="train@y") for r in mixed["clear_gap"]]},
+                            PARAMS)
 
 
 def test_repo_params_blocks_are_valid():
@@ -416,8 +434,9 @@ def test_stages_through_tiny_hf_judges(tmp_path, train_manifest):
     assert train.queries == 22 and met.read_bytes() == before
 
     root, _, _ = _heldout(tmp_path, n=2)
-    cal_met, plot = tmp_path / "cal.json", tmp_path / "fvg.csv"
-    c = run_calibrate(evalj, train, root, tmp_path / "cal", cal_met, plot, PARAMS, PROMPT, show_progress=False)
-    assert evalj.queries == 2 * 2 * 4 and train.queries == 22 + 2 * 2
+    cal_met = tmp_path / "cal.json"
+    c = run_calibrate(evalj, train, root, tmp_path / "cal", cal_met, tmp_path / "plots", PARAMS, PROMPT,
+                      show_progress=False)
+    assert evalj.queries == 2 * 2 * 4 and train.queries == 22 + 2 * 2 * 4  # both judges answer every control
     assert c["eval_judge_id"] == evalj.judge_id != c["train_judge_id"] == train.judge_id
     assert isinstance(c["passed"], bool) and c["flip_vs_gap"]["n"] == 8

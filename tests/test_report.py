@@ -92,7 +92,9 @@ def test_healthy_calibration_is_not_marked_unreliable(repo):
     for name in ("study_table.md", "severity_table.md", "calibration.md"):
         assert "UNRELIABLE" not in (root / "reports" / name).read_text()
     assert all(r["calibration_reliable"] == "true" for r in csv_rows(root / "reports/study_table.csv").values())
-    assert "| clear-gap (high vs low budget) | strict win | 1.000" in (root / "reports/calibration.md").read_text()
+    cal_md = (root / "reports/calibration.md").read_text()
+    assert "| clear-gap (output vs its deliberately degraded copy, n = 10) | strict win | 1.000" in cal_md
+    assert "| training signal (training judge, high vs low budget; not a control) | strict win |" in cal_md
 
 
 def test_failed_calibration_marks_every_table_unreliable(blind_repo):
@@ -145,12 +147,13 @@ def test_one_dataframe_renders_markdown_csv_and_html(repo):
     import html
 
     from judge3d.report.arm_metrics import report_settings
-    from judge3d.report.build import load_arm_metrics, load_calibration
+    from judge3d.report.build import load_arm_metrics, load_calibration, load_labels
     from judge3d.report.tables import csv_text, frame, report_tables
 
     root, params = repo
     settings = report_settings(params)
-    tables = report_tables(load_arm_metrics(root, settings), load_calibration(root), settings)
+    tables = report_tables(load_arm_metrics(root, settings), load_calibration(root), settings, load_labels(root))
+    assert set(tables) == {"study_table", "severity_table", "calibration", "confidence"}
     page = (root / "reports/report.html").read_text()
     for stem, table in tables.items():
         assert (root / f"reports/{stem}.md").read_text() == table.markdown()

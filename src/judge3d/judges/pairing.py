@@ -1,7 +1,8 @@
 """Which pairs `judge-train-labels` and `calibrate` judge, built from render-stage montage manifests.
 
 Every builder returns :class:`~judge3d.judges.protocol.Pair` lists with ``x`` = the candidate expected
-to be better (high budget over low, clean input over degraded, reference seed s0 over s1). Both
+to be better (high budget over low, clean input over degraded, an output over its deliberately
+degraded copy, reference seed s0 over s1). Both
 presentation orders are asked for every pair, so the choice of x only fixes the sign of the
 reported rates ("strict" = x wins), never the position a montage is shown in.
 
@@ -130,17 +131,22 @@ def iid_pairs(rows: Sequence[dict[str, Any]], *, budget: str = "default", source
     return pairs
 
 
-def clear_gap_pairs(rows: Sequence[dict[str, Any]], *, high: str = "high", low: str = "low",
-                    source: str = "heldout_clean") -> list[Pair]:
-    """Held-out clear-gap control: (high, low) budget of the same clean input per object; x = high."""
-    _check_rows(rows, source)
+def clear_gap_pairs(clean_rows: Sequence[dict[str, Any]], corrupted_rows: Sequence[dict[str, Any]], *,
+                    clean_source: str = "heldout_clean", corrupted_source: str = "clear_gap") -> list[Pair]:
+    """The clear-gap control: each base output (x) against the same output deliberately degraded (y).
+
+    ``corrupted_rows`` come from the clear-gap-meshes stage: each names its clean side in
+    ``source_candidate``; a corrupted row whose clean side is missing is an error."""
+    _check_rows(clean_rows, clean_source)
+    _check_rows(corrupted_rows, corrupted_source)
+    by_candidate = {str(r["candidate"]): r for r in clean_rows}
     pairs = []
-    for object_id, budgets in sorted(_by_object_budget(rows).items()):
-        if high not in budgets or low not in budgets:
-            raise ValueError(f"{source}: object {object_id} lacks a '{high}' or '{low}' row for the clear-gap "
-                             "control; check generate.sets.heldout_clean.")
-        pairs.append(make_pair("clear_gap", _one(budgets[high], source, object_id, high),
-                               _one(budgets[low], source, object_id, low)))
+    for row in sorted(corrupted_rows, key=lambda r: (str(r["object_id"]), str(r["candidate"]))):
+        source = row.get("source_candidate")
+        if source is None or str(source) not in by_candidate:
+            raise ValueError(f"{corrupted_source}: row {row['candidate']} names source candidate {source!r}, which "
+                             f"{clean_source} does not hold; rerun clear-gap-meshes and render@clear_gap.")
+        pairs.append(make_pair("clear_gap", by_candidate[str(source)], row, corruption=row.get("corruption")))
     return pairs
 
 

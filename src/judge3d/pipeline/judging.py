@@ -18,13 +18,15 @@ from judge3d.world.degrade import require_severities
 from judge3d.judges.pairing import (FLAGGED_LOG, base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs,
                                     kept_pairs, partition_flagged, train_label_pairs)
 from judge3d.judges.protocol import Backend, pair_verdicts, run_pairs
-from judge3d.report.judge_metrics import (calibration_metrics, flip_vs_gap_csv_rows,
+from judge3d.report.confidence import COVERAGE_CSV, RELIABILITY_CSV
+from judge3d.report.judge_metrics import (calibration_metrics, confidence_csv_rows, flip_vs_gap_csv_rows,
                                           labels_metrics)
 
 LABELS_LOG = "verdicts.jsonl"
 IID_LOG = "iid_verdicts.jsonl"
 TRAIN_PAIRS = "train_pairs.jsonl"
-TRAIN_CLEAR_GAP_LOG = "train_clear_gap.jsonl"
+CLEAR_GAP_SET = "clear_gap"   # the clear-gap-meshes stage's set (data/generated/, data/montages/)
+JUDGE_ROLES = ("eval", "train")
 PLOT_COLUMNS = ("bin", "gap_lo", "gap_hi", "gap_mid", "mean_gap", "n", "flips", "flip_rate", "flip_rate_lo",
                 "flip_rate_hi")
 
@@ -64,15 +66,18 @@ def run_judge_train_labels(backend: Backend, montage_manifest: str | Path, out_d
 
 def calibration_pairs(montages_dir: str | Path, severities: Sequence[str],
                       flagged: list[dict[str, Any]] | None = None) -> dict[str, list]:
-    """Control name -> pairs to judge, from <montages_dir>/heldout_clean and heldout_<severity> manifests.
+    """Control name -> pairs to judge, from <montages_dir>/heldout_clean, clear_gap (the clean outputs'
+    degraded copies) and heldout_<severity> manifests.
 
     Pairs with a flagged montage (pairing.MONTAGE_FLAGS) are left out; pass ``flagged`` (a list) to
     receive one record per such pair, tagged with its control."""
     montages_dir = Path(montages_dir)
     clean_path = montages_dir / "heldout_clean" / "manifest.jsonl"
-    clean = read_jsonl(clean_path)
-    pairs = {"clear_gap": clear_gap_pairs(clean, source=str(clean_path))}
-    manifests = {"clear_gap": [clean], "base_vs_base": [clean]}
+    corrupted_path = montages_dir / CLEAR_GAP_SET / "manifest.jsonl"
+    clean, corrupted = read_jsonl(clean_path), read_jsonl(corrupted_path)
+    pairs = {"clear_gap": clear_gap_pairs(clean, corrupted, clean_source=str(clean_path),
+                                          corrupted_source=str(corrupted_path))}
+    manifests = {"clear_gap": [clean, corrupted], "base_vs_base": [clean]}
     for severity in severities:
         sev_path = montages_dir / f"heldout_{severity}" / "manifest.jsonl"
         degraded = read_jsonl(sev_path)
@@ -88,27 +93,39 @@ def calibration_pairs(montages_dir: str | Path, severities: Sequence[str],
     return out
 
 
-def plot_csv_text(rows: Sequence[dict[str, Any]]) -> str:
-    """metrics/plots/flip_vs_gap.csv as text (verify compares it byte for byte)."""
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Plot data as CSV text (None -> empty cell); verify compares these files byte for byte."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PLOT_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in PLOT_COLUMNS})
+        writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
     return buf.getvalue()
 
 
-def write_plot_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(plot_csv_text(rows))
+def calibration_plot_texts(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """File name (under metrics/plots/) -> CSV text of every plot the calibrate stage writes: the flip
+    rate against the oracle gap, and each judge's reliability and coverage curves."""
+    texts = {"flip_vs_gap.csv": csv_text(flip_vs_gap_csv_rows(metrics), PLOT_COLUMNS)}
+    for role in JUDGE_ROLES:
+        texts[f"reliability_{role}.csv"] = csv_text(confidence_csv_rows(metrics, role, "reliability"), RELIABILITY_CSV)
+        texts[f"coverage_{role}.csv"] = csv_text(confidence_csv_rows(metrics, role, "coverage"), COVERAGE_CSV)
+    return texts
+
+
+def write_calibration_plots(plots_dir: str | Path, metrics: Mapping[str, Any]) -> None:
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in calibration_plot_texts(metrics).items():
+        (plots_dir / name).write_text(text)
 
 
 def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: str | Path, out_dir: str | Path,
-                  metrics_path: str | Path, plot_path: str | Path, params: Mapping[str, Any], prompt: str,
+                  metrics_path: str | Path, plots_dir: str | Path, params: Mapping[str, Any], prompt: str,
                   show_progress: bool = True) -> dict[str, Any]:
-    """Eval judge on every control (clear-gap, headroom per severity, base-vs-base); training judge on
-    the clear-gap pairs (for kappa). Logs: <out_dir>/eval_<control>.jsonl and train_clear_gap.jsonl."""
+    """Both judges on every control (clear-gap, headroom per severity, base-vs-base): the eval judge's
+    verdicts are the controls; the training judge's give kappa between the two and its own
+    reliability. Logs: <out_dir>/eval_<control>.jsonl and train_<control>.jsonl."""
     out_dir = Path(out_dir)
     severities = require_severities(params, "calibrate.severities")
     bs = batch_size(params, "calibrate")
@@ -119,11 +136,12 @@ def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: s
     eval_rows = {name: run_pairs(eval_backend, control_pairs, out_dir / f"eval_{name}.jsonl", prompt, bs,
                                  show_progress=show_progress)
                  for name, control_pairs in pairs.items()}
-    train_rows = run_pairs(train_backend, pairs["clear_gap"], out_dir / TRAIN_CLEAR_GAP_LOG, prompt, bs,
-                           show_progress=show_progress)
+    train_rows = {name: run_pairs(train_backend, control_pairs, out_dir / f"train_{name}.jsonl", prompt, bs,
+                                  show_progress=show_progress)
+                  for name, control_pairs in pairs.items()}
     metrics = calibration_metrics(eval_rows, train_rows, params, flagged=flagged)
     write_json(metrics_path, metrics)
-    write_plot_csv(plot_path, flip_vs_gap_csv_rows(metrics))
+    write_calibration_plots(plots_dir, metrics)
     return metrics
 
 

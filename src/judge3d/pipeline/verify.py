@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -165,16 +164,13 @@ def _calibration_rule(root: Path, params: dict, found: dict) -> Any:
                                         prompt_hash=found.get("prompt_sha256"))
 
 
-def _flip_gap_plot_rule(root: Path, params: dict) -> str:
-    from judge3d.pipeline.judging import write_plot_csv
-    from judge3d.report.judge_metrics import flip_vs_gap_csv_rows
+def _calibration_plot_rule(root: Path, params: dict) -> dict[str, str]:
+    """metrics/plots/<name> -> CSV text of every calibrate plot, rebuilt from the raw logs."""
+    from judge3d.pipeline.judging import calibration_plot_texts
 
     found = read_json(root / "metrics" / "calibration.json")
     expected = _calibration_rule(root, params, found)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "flip_vs_gap.csv"
-        write_plot_csv(path, flip_vs_gap_csv_rows(expected))
-        return path.read_text()
+    return {f"metrics/plots/{name}": text for name, text in calibration_plot_texts(expected).items()}
 
 
 def _base_rule(root: Path, params: dict, found: dict) -> Any:
@@ -192,6 +188,18 @@ def _arm_rule(arm: str) -> Callable[[Path, dict, dict], Any]:
 
         return arm_metrics_from_files(root, arm, params)
     return rule
+
+
+def _ranking_rule(root: Path, params: dict, recomputed: dict[str, Any]) -> Any:
+    """metrics/ranking.json from the eval logs and the arm metrics as recomputed (stored where an arm's
+    could not be recomputed: that failure is already reported)."""
+    from judge3d.report.arm_metrics import report_settings
+    from judge3d.report.build import compute_ranking, load_arm_metrics
+
+    settings = report_settings(params)
+    stored = load_arm_metrics(root, settings)
+    arms = {arm: recomputed.get(f"metrics/arms/{arm}.json", stored[arm]) for arm in settings.arms}
+    return compute_ranking(root, params, arms)
 
 
 def _json_rules(root: Path, params: dict) -> dict[str, Callable[[Path, dict, dict], Any]]:
@@ -224,13 +232,27 @@ def check_metrics(root: Path, params: dict) -> tuple[list[str], set[str], dict[s
             continue
         recomputed[rel] = expected
         out += _cap(rel, diff_values(expected, found))
-    plot = "metrics/plots/flip_vs_gap.csv"
-    if (root / plot).is_file():
-        checked.add(plot)
+    ranking = "metrics/ranking.json"  # after the arm rules: it is built on their recomputed metrics
+    if (root / ranking).is_file():
+        checked.add(ranking)
         try:
-            out += _cap(plot, diff_csv(_flip_gap_plot_rule(root, params), (root / plot).read_text()))
+            found = read_json(root / ranking)
+            recomputed[ranking] = _ranking_rule(root, params, recomputed)
+            out += _cap(ranking, diff_values(recomputed[ranking], found))
         except Exception as exc:
-            out.append(f"{plot}: cannot recompute from the raw logs: {type(exc).__name__}: {exc}")
+            out.append(f"{ranking}: cannot recompute from the raw logs: {type(exc).__name__}: {exc}")
+    if (root / "metrics" / "calibration.json").is_file():
+        try:
+            plots = _calibration_plot_rule(root, params)
+        except Exception as exc:
+            plots = {}
+            out.append(f"metrics/plots (calibrate): cannot recompute from the raw logs: {type(exc).__name__}: {exc}")
+        for plot, text in plots.items():
+            checked.add(plot)
+            if not (root / plot).is_file():
+                out.append(f"{plot}: missing (run dvc repro calibrate, or dvc pull)")
+                continue
+            out += _cap(plot, diff_csv(text, (root / plot).read_text()))
     return out, checked, recomputed
 
 
@@ -238,7 +260,8 @@ def check_reports(root: Path, params: dict, recomputed: dict[str, Any]) -> list[
     """The report's tables and plot data, rebuilt from the recomputed metrics and the logs, against
     reports/ (a metrics file that could not be recomputed is already reported; its stored copy is used)."""
     from judge3d.report.arm_metrics import report_settings
-    from judge3d.report.build import CALIBRATION_METRICS, REPORTS_DIR, load_arm_metrics, load_calibration, report_texts
+    from judge3d.report.build import (CALIBRATION_METRICS, RANKING_METRICS, REPORTS_DIR, load_arm_metrics,
+                                      load_calibration, report_texts)
 
     if not (root / REPORTS_DIR).is_dir():
         return []
@@ -247,7 +270,8 @@ def check_reports(root: Path, params: dict, recomputed: dict[str, Any]) -> list[
         stored = load_arm_metrics(root, settings)
         arms = {arm: recomputed.get(f"metrics/arms/{arm}.json", stored[arm]) for arm in settings.arms}
         calibration = recomputed.get(CALIBRATION_METRICS) or load_calibration(root)
-        expected = report_texts(root, params, arms=arms, calibration=calibration)
+        expected = report_texts(root, params, arms=arms, calibration=calibration,
+                                ranking=recomputed.get(RANKING_METRICS), labels=recomputed.get("metrics/labels.json"))
     except Exception as exc:
         return [f"{REPORTS_DIR}/: cannot rebuild the tables: {type(exc).__name__}: {exc}"]
     out = []

@@ -1,7 +1,8 @@
 """Assemble the report from metrics and raw logs: tables, plot data, SVG figures and the HTML page.
 
 :func:`report_texts` is every deterministic text file of ``reports/`` (tables and plot CSVs);
-``verify`` rebuilds it and compares. The HTML embeds images and is written by :func:`write_report`.
+``verify`` rebuilds it and compares. The HTML embeds images and is written by :func:`write_report`,
+which also writes ``metrics/ranking.json`` (:func:`compute_ranking`; verify recomputes it too).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from judge3d.report.arm_metrics import ReportSettings, report_settings
 REPORTS_DIR = "reports"
 PLOTS_DIR = "reports/plots"
 CALIBRATION_METRICS = "metrics/calibration.json"
+LABELS_METRICS = "metrics/labels.json"
+RANKING_METRICS = "metrics/ranking.json"
 
 
 def load_arm_metrics(root: str | Path, settings: ReportSettings) -> dict[str, dict[str, Any]]:
@@ -36,6 +39,13 @@ def load_calibration(root: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
+def load_labels(root: str | Path) -> dict[str, Any] | None:
+    """metrics/labels.json (the training signal), or None where the labels stage has not run (a report
+    built from calibration and arm metrics alone still renders; it just lacks that row)."""
+    path = Path(root) / LABELS_METRICS
+    return read_json(path) if path.is_file() else None
+
+
 def arm_pair_records(root: str | Path, settings: ReportSettings) -> list[dict[str, Any]]:
     """Pair verdicts (arm = x, base = y) of every arm's eval log, tagged with the arm."""
     records = []
@@ -43,6 +53,16 @@ def arm_pair_records(root: str | Path, settings: ReportSettings) -> list[dict[st
         for rec in pair_verdicts(read_log(arm_paths(arm, spec.regime, root).verdicts)):
             records.append({**rec, "arm": arm, "pair_id": f"{arm}/{rec['pair_id']}"})
     return records
+
+
+def compute_ranking(root: str | Path, params: Mapping[str, Any],
+                    arms: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The content of metrics/ranking.json (Bradley–Terry per regime) from the eval logs and arm metrics."""
+    from judge3d.report.ranking import ranking
+
+    settings = report_settings(params)
+    arms = dict(arms) if arms is not None else load_arm_metrics(root, settings)
+    return ranking(arm_pair_records(root, settings), arms, settings)
 
 
 def _gap_edges(params: Mapping[str, Any]) -> list[float]:
@@ -53,28 +73,37 @@ def _gap_edges(params: Mapping[str, Any]) -> list[float]:
 
 def report_texts(root: str | Path, params: Mapping[str, Any], *,
                  arms: Mapping[str, dict[str, Any]] | None = None,
-                 calibration: Mapping[str, Any] | None = None) -> dict[str, str]:
+                 calibration: Mapping[str, Any] | None = None,
+                 ranking: Mapping[str, Any] | None = None,
+                 labels: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Relative path -> text of every table and plot-data file the report stage writes.
 
-    ``arms``/``calibration`` replace the metrics files (verify passes its recomputed values, so the
-    tables are checked against the raw logs, not against possibly edited metrics).
+    ``arms``/``calibration``/``ranking``/``labels`` replace the metrics files (verify passes its recomputed
+    values, so the tables are checked against the raw logs, not against possibly edited metrics).
     """
     from judge3d.report.plots import plot_files
-    from judge3d.report.tables import build_tables
+    from judge3d.report.ranking import ranking_table
+    from judge3d.report.tables import build_tables, calibration_view
 
     settings = report_settings(params)
     arms = dict(arms) if arms is not None else load_arm_metrics(root, settings)
     calibration = calibration if calibration is not None else load_calibration(root)
-    out = {f"{REPORTS_DIR}/{name}": text for name, text in build_tables(arms, calibration, settings).items()}
+    out = {f"{REPORTS_DIR}/{name}": text
+           for name, text in build_tables(arms, calibration, settings,
+                                          labels if labels is not None else load_labels(root)).items()}
+    ranking = ranking if ranking is not None else compute_ranking(root, params, arms)
+    table = ranking_table(ranking, calibration_view(calibration), settings)
+    out[f"{REPORTS_DIR}/ranking.md"], out[f"{REPORTS_DIR}/ranking.csv"] = table.markdown(), table.csv()
     plots = plot_files(arms, calibration, settings, arm_pair_records(root, settings), _gap_edges(params))
     out.update({f"{PLOTS_DIR}/{name}": text for name, text in plots.items()})
     return out
 
 
-def report_html(root: str | Path, params: Mapping[str, Any]) -> str:
+def report_html(root: str | Path, params: Mapping[str, Any], ranking: Mapping[str, Any] | None = None) -> str:
     """The HTML page; its tables render from the same DataFrames as the markdown and CSV files."""
     from judge3d.report import plots
     from judge3d.report.html import build_html, gallery_items
+    from judge3d.report.ranking import ranking_table
     from judge3d.report.tables import calibration_view, report_tables
 
     root = Path(root)
@@ -92,21 +121,28 @@ def report_html(root: str | Path, params: Mapping[str, Any]) -> str:
         paths = arm_paths(arm, spec.regime, root)
         galleries[arm] = gallery_items(read_log(paths.verdicts), read_jsonl(paths.manifest),
                                        read_jsonl(paths.base_manifest), settings, arm)
-    tables = report_tables(arms, calibration, settings)
+    tables = report_tables(arms, calibration, settings, load_labels(root))
+    tables["ranking"] = ranking_table(ranking if ranking is not None else compute_ranking(root, params, arms),
+                                      cal, settings)
     return build_html(root, tables, svgs, arms, galleries, settings, cal["reliable"])
 
 
 def write_report(root: str | Path, params: Mapping[str, Any]) -> list[Path]:
-    """Write reports/*.md|csv, reports/plots/*.csv and reports/report.html; return the paths."""
+    """Write reports/*.md|csv, reports/plots/*.csv, reports/report.html and metrics/ranking.json;
+    return the paths."""
+    from judge3d.core.io import write_json
+
     root = Path(root)
-    texts = report_texts(root, params)
-    written = []
+    ranking = compute_ranking(root, params)
+    texts = report_texts(root, params, ranking=ranking)
+    write_json(root / RANKING_METRICS, ranking)
+    written = [root / RANKING_METRICS]
     for rel, text in sorted(texts.items()):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
     html_path = root / REPORTS_DIR / "report.html"
-    html_path.write_text(report_html(root, params), encoding="utf-8")
+    html_path.write_text(report_html(root, params, ranking), encoding="utf-8")
     written.append(html_path)
     return written

@@ -1,7 +1,7 @@
 """The static HTML report: one self-contained file (inline CSS, SVG and base64 PNG thumbnails).
 
 No server, no scripts, no external assets: it opens from disk or from a CI artifact. Sections (ids):
-``calibration``, ``study-table``, ``severity-table``, ``plots``, ``gallery`` (one ``gallery-<arm>``
+``calibration``, ``study-table``, ``severity-table``, ``ranking``, ``plots``, ``gallery`` (one ``gallery-<arm>``
 per arm). The tables are the report's :class:`~judge3d.report.tables.Table` objects, rendered from the
 same DataFrames as the markdown and CSV files.
 """
@@ -131,7 +131,8 @@ def gallery_html(root: Path, arm: str, m: Mapping[str, Any], items: Sequence[Map
 def build_html(root: str | Path, tables: Mapping[str, Table], svgs: Mapping[str, str],
                arms: Mapping[str, Mapping[str, Any]], galleries: Mapping[str, Sequence[Mapping[str, Any]]],
                settings: ReportSettings, reliable: bool) -> str:
-    """``tables``: the report's tables by file stem (``calibration``, ``study_table``, ``severity_table``)."""
+    """``tables``: the report's tables by file stem (``calibration``, ``study_table``, ``severity_table``,
+    and ``ranking`` when given)."""
     root = Path(root)
     status = ('<p class="reliable">Calibration: both controls pass.</p>' if reliable else
               '<p class="unreliable">UNRELIABLE: a calibration control failed; see the calibration section.</p>')
@@ -146,8 +147,12 @@ def build_html(root: str | Path, tables: Mapping[str, Table], svgs: Mapping[str,
             f"<style>{CSS}</style></head><body>"
             "<h1>judge3d: Judging to improve — study report</h1>" + status
             + f'<section id="calibration"><h2>Calibration</h2>{tables["calibration"].html()}</section>'
+            + (f'<section id="confidence"><h2>Judge confidence</h2>{tables["confidence"].html()}</section>'
+               if "confidence" in tables else "")
             + f'<section id="study-table"><h2>Study table</h2>{tables["study_table"].html()}</section>'
             + f'<section id="severity-table"><h2>Severity table</h2>{tables["severity_table"].html()}</section>'
+            + (f'<section id="ranking"><h2>Ranking (Bradley–Terry)</h2>{tables["ranking"].html()}</section>'
+               if "ranking" in tables else "")
             + f'<section id="plots"><h2>Plots</h2>{figures}</section>'
             + '<section id="gallery"><h2>Gallery of held-out objects</h2>'
               "<p>Input image, base montage, arm montage, the evaluation judge's verdict in both orders "

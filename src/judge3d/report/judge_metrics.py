@@ -6,6 +6,7 @@ Pure functions (no model, no torch): the stages call them on the rows they just 
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +19,7 @@ from judge3d.core.io import read_jsonl
 from judge3d.judges.pairing import FLAGGED_LOG
 from judge3d.judges.protocol import aggregate, judge_agreement, pair_verdicts
 from judge3d.judges.verdict_log import read_log
+from judge3d.report.confidence import confidence_metrics, coverage_csv_rows, reliability_csv_rows
 from judge3d.world.degrade import SEVERITIES, require_severities
 
 # The seed study's numbers, printed beside ours for comparison (never used in a decision).
@@ -219,13 +221,16 @@ def control_names(severities: Sequence[str] = SEVERITIES) -> list[str]:
     return ["clear_gap", *[f"headroom_{s}" for s in severities], "base_vs_base"]
 
 
-def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train_clear_gap_rows: Sequence[dict[str, Any]],
+def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]],
+                        train_rows: Mapping[str, Sequence[dict[str, Any]]],
                         params: Mapping[str, Any], flagged: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """metrics/calibration.json from the eval judge's rows per control and the training judge's clear-gap rows.
+    """metrics/calibration.json from each judge's rows per control.
 
-    ``eval_rows`` keys: 'clear_gap', 'base_vs_base', and 'headroom_<severity>' for each severity judged.
-    Pass/fail uses the point estimates against params thresholds: clear-gap strict >= min; base-vs-base
-    decisive inside the range (an undefined decisive, every pair a flip, fails: no preference can be shown).
+    ``eval_rows``/``train_rows`` keys: 'clear_gap', 'base_vs_base', and 'headroom_<severity>' for each
+    severity judged. The eval judge's rows decide the controls. Pass/fail uses the point estimates
+    against params thresholds: clear-gap strict >= min; base-vs-base decisive inside the range (an
+    undefined decisive, every pair a flip, fails: no preference can be shown). Both judges' pooled
+    pairs give Cohen's kappa between them and each judge's confidence curves (report.confidence).
     ``flagged``: the pairs set aside unjudged for a flagged montage (calibrate's flagged.jsonl records);
     each control reports its count as ``n_flagged``, and the total is ``n_flagged``.
     """
@@ -241,12 +246,17 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train
                    "data/calibration/flagged.jsonl and the render stage's flags)" if n_flagged.get(name) else "rerun calibrate")
             raise ValueError(f"calibration: no eval-judge rows for the {name} control; {why}.")
     eval_rows = {name: rows for name, rows in eval_rows.items() if rows or not n_flagged.get(name)}
-    unknown = [k for k in eval_rows if k not in ("clear_gap", "base_vs_base") and not k.startswith("headroom_")]
+    train_rows = {name: rows for name, rows in train_rows.items() if rows}
+    unknown = [k for k in [*eval_rows, *train_rows] if k not in ("clear_gap", "base_vs_base") and not k.startswith("headroom_")]
     if unknown:
         raise ValueError(f"calibration: unknown control(s) {unknown}; use clear_gap, base_vs_base, headroom_<severity>.")
+    if set(train_rows) != set(eval_rows):
+        raise ValueError(f"calibration: the training judge answered controls {sorted(train_rows)}, the eval judge "
+                         f"{sorted(eval_rows)}; both judge every control (rerun calibrate).")
     all_rows = [r for name in sorted(eval_rows) for r in eval_rows[name]]
     eval_judge, prompt_hash = _one_judge(all_rows, "eval-judge calibration logs")
-    train_judge, train_prompt = _one_judge(train_clear_gap_rows, "training-judge clear-gap log")
+    all_train_rows = [r for name in sorted(train_rows) for r in train_rows[name]]
+    train_judge, train_prompt = _one_judge(all_train_rows, "training-judge calibration logs")
     if train_prompt != prompt_hash:
         raise ValueError("calibration: the two judges were asked with different prompts; kappa would compare apples and pears.")
 
@@ -257,6 +267,9 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train
     clear = dict(agg["clear_gap"])
     clear["pass"] = clear["strict"] is not None and clear["strict"] >= thr["clear_gap_min_strict"]
     clear["criterion"] = f"strict >= {thr['clear_gap_min_strict']:g}"
+    # what degraded the y side (clear-gap-meshes records it on every pair); None for a log without it
+    kinds = sorted({json.dumps((r.get("meta") or {}).get("corruption"), sort_keys=True) for r in eval_rows["clear_gap"]})
+    clear["corruption"] = json.loads(kinds[0]) if len(kinds) == 1 else None
     bvb = dict(agg["base_vs_base"])
     lo, hi = thr["base_vs_base_decisive_range"]
     bvb["pass"] = bvb["decisive"] is not None and lo <= bvb["decisive"] <= hi
@@ -267,8 +280,9 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train
     headroom = {name[len("headroom_"):]: agg[name] for name in sorted(agg) if name.startswith("headroom_")}
     all_records = [rec for name in sorted(records) for rec in records[name]]
     pooled = aggregate(all_records, all_rows, n_boot=n_boot, seed=seed)
-    train_records = pair_verdicts(train_clear_gap_rows)
-    train_clear = aggregate(train_records, train_clear_gap_rows, n_boot=n_boot, seed=seed)
+    train_records = {name: pair_verdicts(rows) for name, rows in train_rows.items()}
+    train_clear = aggregate(train_records["clear_gap"], train_rows["clear_gap"], n_boot=n_boot, seed=seed)
+    all_train_records = [rec for name in sorted(train_records) for rec in train_records[name]]
     failed = [name for name, ok in (("clear_gap", clear["pass"]), ("base_vs_base", bvb["pass"])) if not ok]
     gap_table = flip_vs_gap(all_records, edges)
     gap_table["correlation"] = flip_gap_correlation(all_records, n_boot, seed)
@@ -279,7 +293,11 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train
         "judge_oracle_agreement_ci": pooled["judge_oracle_agreement_ci"], "n_oracle": pooled["n_oracle"],
         "eval_judge_all_pairs": pooled,
         "train_judge_clear_gap": train_clear,
-        "agreement": judge_agreement(train_records, records["clear_gap"], n_boot=n_boot, seed=seed),
+        "train_judge_all_pairs": aggregate(all_train_records, all_train_rows, n_boot=n_boot, seed=seed),
+        # over every control's pairs pooled: the two judges' verdicts on the same montage pairs
+        "agreement": judge_agreement(all_train_records, all_records, n_boot=n_boot, seed=seed),
+        "confidence": {role: confidence_metrics(recs, n_boot=n_boot, seed=seed)
+                       for role, recs in (("eval", all_records), ("train", all_train_records))},
         "flip_vs_gap": gap_table,
         "passed": not failed, "failed_controls": failed,
         # pairs never shown to a judge because a montage is blank or clipped, per control
@@ -289,7 +307,7 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]], train
 
 def calibration_metrics_from_dir(log_dir: str | Path, params: Mapping[str, Any], *, eval_judge_id: str | None = None,
                                  train_judge_id: str | None = None, prompt_hash: str | None = None) -> dict[str, Any]:
-    """calibration_metrics on data/calibration/{eval_<control>,train_clear_gap}.jsonl (verify's entry point)."""
+    """calibration_metrics on data/calibration/{eval,train}_<control>.jsonl (verify's entry point)."""
 
     log_dir = Path(log_dir)
     severities = require_severities(params, "calibrate.severities")
@@ -306,8 +324,8 @@ def calibration_metrics_from_dir(log_dir: str | Path, params: Mapping[str, Any],
 
     eval_rows = {name: rows_of(log_dir / f"eval_{name}.jsonl", name, judge_id=eval_judge_id, prompt_hash=prompt_hash)
                  for name in control_names(severities)}
-    train_rows = rows_of(log_dir / "train_clear_gap.jsonl", "clear_gap", judge_id=train_judge_id,
-                         prompt_hash=prompt_hash)
+    train_rows = {name: rows_of(log_dir / f"train_{name}.jsonl", name, judge_id=train_judge_id, prompt_hash=prompt_hash)
+                  for name in control_names(severities)}
     return calibration_metrics(eval_rows, train_rows, params, flagged=flagged)
 
 
@@ -322,3 +340,9 @@ def flip_vs_gap_csv_rows(calibration: Mapping[str, Any]) -> list[dict[str, Any]]
         row["flip_rate_lo"], row["flip_rate_hi"] = b["flip_rate_wilson_ci"]
         out.append(row)
     return out
+
+
+def confidence_csv_rows(calibration: Mapping[str, Any], role: str, curve: str) -> list[dict[str, Any]]:
+    """Rows of metrics/plots/{reliability,coverage}_<role>.csv from the calibration metrics."""
+    conf = calibration["confidence"][role]
+    return reliability_csv_rows(conf) if curve == "reliability" else coverage_csv_rows(conf)

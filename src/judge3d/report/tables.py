@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from judge3d.report.arm_metrics import ReportSettings, field
+from judge3d.report.confidence import DEFAULT_TARGET as CONFIDENCE_TARGET, margin_for_agreement, points_of
 from judge3d.world.degrade import SEVERITIES
 
 # Where each calibration number lives in metrics/calibration.json (dotted paths).
@@ -38,6 +39,10 @@ CALIBRATION_FIELDS = {
     "kappa": "agreement.kappa",
     "kappa_ci": "agreement.kappa_ci",
     "judge_oracle_agreement": "clear_gap.judge_oracle_agreement",
+    "clear_gap_corruption": "clear_gap.corruption",   # {kind, level} of the degraded copy
+    "clear_gap_flagged": "clear_gap.n_flagged",       # pairs set aside for a blank montage (e.g. a part-less blob)
+    "kappa_n": "agreement.n",
+    "confidence": "confidence",             # {judge role: report.confidence.confidence_metrics}
 }
 REQUIRED_CALIBRATION = ("clear_gap_strict", "clear_gap_pass", "bvb_decisive", "bvb_pass")
 
@@ -330,14 +335,28 @@ def severity_table(arms: Mapping[str, Mapping[str, Any]], cal: Mapping[str, Any]
              "on the input degraded at that severity: how much a repair could win back.")
 
 
-def calibration_block(cal: Mapping[str, Any]) -> Table:
+def _clear_gap_label(cal: Mapping[str, Any]) -> str:
+    c = cal.get("clear_gap_corruption")
+    what = f"{c['kind']} level {c['level']}" if isinstance(c, Mapping) else "deliberately degraded"
+    flagged = cal.get("clear_gap_flagged")
+    extra = f"; {flagged} blank pair(s) set aside" if flagged else ""
+    return f"clear-gap (output vs its {what} copy, n = {cal.get('clear_gap_n')}{extra})"
+
+
+# The seed study's training signal (its training judge on high vs low budget), printed beside ours.
+SEED_TRAINING_SIGNAL = 0.89
+
+
+def calibration_block(cal: Mapping[str, Any], labels: Mapping[str, Any] | None = None) -> Table:
+    """The calibration controls (the eval judge), then information rows: headroom per severity, the
+    training signal (the training judge on high vs low budget, from ``labels``) and kappa."""
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
     rng = cal.get("bvb_range")
     rng_text = f"in [{fmt(rng[0], digits=2)}, {fmt(rng[1], digits=2)}]" if rng else "near 0.5"
     thr = cal.get("clear_gap_threshold")
-    rows = [["clear-gap (high vs low budget)", "strict win", f"{fmt(cal['clear_gap_strict'])} {fmt_ci(cal['clear_gap_ci'])}",
+    rows = [[_clear_gap_label(cal), "strict win", f"{fmt(cal['clear_gap_strict'])} {fmt_ci(cal['clear_gap_ci'])}",
              f"≥ {fmt(thr, digits=2)}" if thr is not None else "high", verdict(cal["clear_gap_pass"])],
             ["base-vs-base (two seeds)", "decisive", f"{fmt(cal['bvb_decisive'])} {fmt_ci(cal['bvb_ci'])}",
              rng_text, verdict(cal["bvb_pass"])],
@@ -347,31 +366,88 @@ def calibration_block(cal: Mapping[str, Any]) -> Table:
         if h:
             rows.append([f"headroom ({severity})", "strict win",
                          f"{fmt(h.get('strict'))} {fmt_ci(h.get('strict_wilson_ci'))}", "info", "info"])
+    if labels is not None:
+        rows.append(["training signal (training judge, high vs low budget; not a control)", "strict win",
+                     f"{fmt(labels.get('strict_win_high_over_low'))} {fmt_ci(labels.get('strict_wilson_ci'))}",
+                     f"the study: {fmt(SEED_TRAINING_SIGNAL, digits=2)}", "info"])
     if cal.get("kappa") is not None:
-        rows.append(["inter-judge agreement", "Cohen's κ", f"{fmt(cal['kappa'])} {fmt_ci(cal['kappa_ci'])}", "info", "info"])
+        rows.append([f"inter-judge agreement (all {cal.get('kappa_n')} calibration pairs)", "Cohen's κ",
+                     f"{fmt(cal['kappa'])} {fmt_ci(cal['kappa_ci'])}", "info", "info"])
     status = "RELIABLE: both controls pass." if cal["reliable"] else "; ".join(cal["failures"]) + "."
     return Table(title="Calibration of the evaluation judge", status=status, unreliable=not cal["reliable"],
                  display=frame(["control", "statistic", "value [95% CI]", "criterion", "result"], rows))
 
 
 def report_tables(arms: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, Any],
-                  settings: ReportSettings) -> dict[str, Table]:
-    """Every table of the report, by file stem: ``study_table``, ``severity_table``, ``calibration``."""
+                  settings: ReportSettings, labels: Mapping[str, Any] | None = None) -> dict[str, Table]:
+    """Every table of the report, by file stem: ``study_table``, ``severity_table``, ``calibration``,
+    and ``confidence`` where the calibration metrics hold the judges' confidence curves."""
     missing = [a for a in settings.arms if a not in arms]
     if missing:
         raise ValueError(f"no metrics for arm(s) {missing}: run arm-metrics@<arm> (dvc repro).")
     cal = calibration_view(calibration)
-    return {"study_table": study_table(arms, cal, settings), "severity_table": severity_table(arms, cal, settings),
-            "calibration": calibration_block(cal)}
+    tables = {"study_table": study_table(arms, cal, settings), "severity_table": severity_table(arms, cal, settings),
+              "calibration": calibration_block(cal, labels)}
+    if cal.get("confidence"):
+        tables["confidence"] = confidence_table(cal["confidence"])
+    return tables
 
 
 def build_tables(arms: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, Any],
-                 settings: ReportSettings) -> dict[str, str]:
+                 settings: ReportSettings, labels: Mapping[str, Any] | None = None) -> dict[str, str]:
     """File name (under reports/) -> text, for every table the report writes (markdown, and CSV where
     the table has a data frame)."""
     out = {}
-    for stem, table in report_tables(arms, calibration, settings).items():
+    for stem, table in report_tables(arms, calibration, settings, labels).items():
         out[f"{stem}.md"] = table.markdown()
         if table.data is not None:
             out[f"{stem}.csv"] = table.csv()
     return out
+
+
+CONFIDENCE_TABLE_CSV = ("role", "n_oracle", "oracle_ties", "oracle_missing", "ece", "ece_lo", "ece_hi", "brier",
+                        "agreement_all", "agreement_all_lo", "agreement_all_hi", "coverage_all", "swap_coverage",
+                        "swap_agreement", "swap_agreement_lo", "swap_agreement_hi", "target", "target_margin",
+                        "target_coverage", "target_agreement", "target_n")
+
+
+def confidence_table(conf_by_role: Mapping[str, Mapping[str, Any]], target: float = CONFIDENCE_TARGET) -> Table:
+    """Per judge role (e.g. ``eval``, ``train``): ECE [CI], Brier, agreement with no filter, the swap
+    filter's (coverage, agreement) and the smallest margin whose agreement reaches ``target``."""
+    if not conf_by_role:
+        raise ValueError("confidence_table: no judges; pass {role: confidence_metrics(...)}.")
+    t = fmt(target, digits=2)
+    header = ["judge", "pairs with oracle (ties/missing)", "ECE [95% CI]", "Brier", "agreement, no filter [95% CI]",
+              "swap filter: coverage, agreement", f"margin for agreement ≥ {t}", "coverage there"]
+    md_rows, csv_rows = [], []
+    for role, conf in conf_by_role.items():
+        rel = conf["reliability"]
+        none = points_of(conf, "none")[0]
+        swap = points_of(conf, "swap")[0]
+        hit = margin_for_agreement(conf, target)
+        md_rows.append([role, f"{conf['n_oracle']} ({conf['oracle_ties']}/{conf['oracle_missing']})",
+                        f"{fmt(rel['ece'])} {fmt_ci(rel['ece_ci'])}", fmt(rel["brier"]),
+                        f"{fmt(none['agreement'])} {fmt_ci(none['agreement_ci'])}",
+                        f"{fmt(swap['coverage'])}, {fmt(swap['agreement'])} {fmt_ci(swap['agreement_ci'])}",
+                        "never" if hit is None else f"{fmt(hit['margin'], digits=2)} (n = {hit['n']})",
+                        "n/a" if hit is None else fmt(hit["coverage"])])
+        csv_rows.append({"role": role, "n_oracle": conf["n_oracle"], "oracle_ties": conf["oracle_ties"],
+                         "oracle_missing": conf["oracle_missing"], "ece": rel["ece"], "ece_lo": rel["ece_ci"][0],
+                         "ece_hi": rel["ece_ci"][1], "brier": rel["brier"], "agreement_all": none["agreement"],
+                         "agreement_all_lo": none["agreement_ci"][0], "agreement_all_hi": none["agreement_ci"][1],
+                         "coverage_all": none["coverage"], "swap_coverage": swap["coverage"],
+                         "swap_agreement": swap["agreement"], "swap_agreement_lo": swap["agreement_ci"][0],
+                         "swap_agreement_hi": swap["agreement_ci"][1], "target": target,
+                         "target_margin": None if hit is None else hit["margin"],
+                         "target_coverage": None if hit is None else hit["coverage"],
+                         "target_agreement": None if hit is None else hit["agreement"],
+                         "target_n": None if hit is None else hit["n"]})
+    return Table(
+        title="Confidence: reliability and coverage against the oracle",
+        status="Measured on the pairs whose candidates have different oracle scores; no gate.",
+        display=frame(header, md_rows), data=frame(CONFIDENCE_TABLE_CSV, csv_rows),
+        note="s = (p_xy + 1 − p_yx)/2, the debiased soft preference that x is better. ECE = Σ_b (n_b/N)·|observed_b − "
+             "mean s_b| over equal-width bins of s (object-bootstrap 95 % CI); Brier = mean (s − [x oracle-better])². "
+             "Agreement = share of kept verdicts that pick the oracle-better candidate (Wilson 95 % CI); coverage = "
+             "kept share. No filter: the side of s decides. Swap filter: swap-consistent pairs only. Margin filter: "
+             f"|s − 0.5| ≥ m; the table gives the smallest m whose agreement reaches {t}, with its n.")

@@ -6,7 +6,7 @@ score = better mesh). Pairs are built within one object only. A pair whose oracl
 good judge should be unsure). Pairs at or above ``clear_gap`` are "clear"; between the two, "mild".
 
 The corruption functions make extra candidates from a ground-truth mesh (noise, smoothing, holes,
-missing parts, voxel speckle); each is deterministic in its seed and never edits its input.
+missing parts, voxel speckle, voxel coarsening); each is deterministic in its seed and never edits its input.
 """
 from __future__ import annotations
 
@@ -181,6 +181,22 @@ def corrupt_speckle(mesh, flip_prob: float, seed: int, resolution: int = 32):
     return occupancy_to_mesh(occ.astype(np.float32))
 
 
+def corrupt_coarsen(mesh, factor: int, seed: int = 0, resolution: int = 32):
+    """Voxel blob: the shape's occupancy grid averaged over blocks of ``factor``^3 voxels, each block
+    kept where at least half of it is filled, and decoded by marching cubes at the full resolution.
+    Thin parts vanish or swell into blocks, as a generator that lost its fine detail would make them.
+    ``seed`` is unused (the corruption is deterministic)."""
+    from judge3d.world.voxel import occupancy_to_mesh, voxelize
+
+    if resolution % factor:
+        raise ValueError(f"coarsen: factor {factor} must divide the grid resolution {resolution}.")
+    occ = voxelize(mesh, resolution, 2)
+    n = resolution // factor
+    blocks = occ.reshape(n, factor, n, factor, n, factor).mean(axis=(1, 3, 5)) >= 0.5
+    coarse = blocks.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+    return occupancy_to_mesh(coarse.astype(np.float32))
+
+
 # level 1..3 = mild..strong; strengths chosen so level 3 is plainly visible in a 56 px montage view
 CORRUPTIONS: dict[str, Callable[..., Any]] = {
     "noise": lambda m, level, seed: corrupt_noise(m, sigma=0.012 * level, seed=seed),
@@ -188,6 +204,7 @@ CORRUPTIONS: dict[str, Callable[..., Any]] = {
     "holes": lambda m, level, seed: corrupt_holes(m, n_holes=3 * level, radius=0.05 + 0.02 * level, seed=seed),
     "missing": lambda m, level, seed: corrupt_missing_part(m, seed=seed, n_parts=level, fraction=0.15 * level),
     "speckle": lambda m, level, seed: corrupt_speckle(m, flip_prob=0.04 * level, seed=seed),
+    "coarsen": lambda m, level, seed: corrupt_coarsen(m, factor=2 ** level, seed=seed),
 }
 
 
