@@ -32,9 +32,10 @@ def test_degenerate_mesh_renders_flagged_empty():
 
 
 def _heldout(tmp_path, blank_object="h0"):
-    """heldout_clean (default s0/s1, high, low) + heldout_mild, 3 objects; one montage flagged empty."""
+    """heldout_clean (default s0/s1, high, low), clear_gap (each s0's degraded copy; h2's lost every
+    part and renders blank) and heldout_mild, 3 objects; h0's s0 montage is blank, h2's high clipped."""
     root = tmp_path / "montages"
-    rows = {"heldout_clean": [], "heldout_mild": []}
+    rows = {"heldout_clean": [], "heldout_mild": [], "clear_gap": []}
     for j in range(3):
         oid = f"h{j}"
 
@@ -52,6 +53,8 @@ def _heldout(tmp_path, blank_object="h0"):
         add("heldout_clean", "high", 30 + j, 0, 0.9, **({"render_clipped": True} if j == 2 else {}))
         add("heldout_clean", "low", 40 + j, 0, 0.1)
         add("heldout_mild", "default", 10 + j, 0, 0.55)
+        add("clear_gap", "default", 10 + j, 0, 0.2, **({"render_empty": True} if j == 2 else {}))
+        rows["clear_gap"][-1].update(candidate=f"{oid}_default_s0__coarsen2", source_candidate=f"{oid}_default_s0")
     for name, r in rows.items():
         write_jsonl(root / name / "manifest.jsonl", r)
     return root
@@ -82,14 +85,14 @@ def test_calibrate_sets_aside_flagged_montages_and_counts_them(tmp_path):
     root = _heldout(tmp_path)
     ev, tr = _Judge(), _Judge()
     params = _cal_params()
-    m = run_calibrate(ev, tr, root, tmp_path / "cal", tmp_path / "cal.json", tmp_path / "fvg.csv", params,
+    m = run_calibrate(ev, tr, root, tmp_path / "cal", tmp_path / "cal.json", tmp_path / "plots", params,
                       "A <image1> B <image2>", show_progress=False)
     blank = str(root / "heldout_clean" / "h0_default_s0.png")
-    clipped = str(root / "heldout_clean" / "h2_high_s0.png")
-    assert blank not in ev.seen and clipped not in ev.seen and clipped not in tr.seen
-    # h0's s0 is in base-vs-base and headroom; h2's high is in clear-gap
-    assert m["flagged_by_control"] == {"base_vs_base": 1, "clear_gap": 1, "headroom_mild": 1}
-    assert m["n_flagged"] == 3 and m["clear_gap"]["n"] == 2 and m["clear_gap"]["n_flagged"] == 1
+    blank_copy = str(root / "clear_gap" / "h2_default_s0.png")
+    assert blank not in ev.seen and blank_copy not in ev.seen and blank not in tr.seen and blank_copy not in tr.seen
+    # h0's s0 is in base-vs-base, headroom and clear-gap; h2's degraded copy is in clear-gap
+    assert m["flagged_by_control"] == {"base_vs_base": 1, "clear_gap": 2, "headroom_mild": 1}
+    assert m["n_flagged"] == 4 and m["clear_gap"]["n"] == 1 and m["clear_gap"]["n_flagged"] == 2
     # verify's path (logs + flagged.jsonl) gives the same numbers
     assert calibration_metrics_from_dir(tmp_path / "cal", params) == json.loads((tmp_path / "cal.json").read_text())
 

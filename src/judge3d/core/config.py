@@ -78,13 +78,21 @@ def _matches(dotted: str, pattern: str) -> bool:
     return len(parts) == len(pats) and all(p == "*" or p == k for k, p in zip(parts, pats))
 
 
+KNOWN_KEYS_FILE = Path(__file__).with_name("params_keys.txt")
+
+
+def known_keys() -> tuple[str, ...]:
+    """The key paths of params_keys.txt (one per line; '#' starts a comment)."""
+    keys = (line.split("#", 1)[0].strip() for line in KNOWN_KEYS_FILE.read_text().splitlines())
+    return tuple(k for k in keys if k)
+
+
 def check_known_keys(params: Mapping[str, Any], source: str = PARAMS_FILE) -> None:
     """Raise ParamsError on a key path that no stage reads (a typo is otherwise ignored and the
-    default silently used), naming the nearest known key. The known paths: judge3d.core.params_keys."""
+    default silently used), naming the nearest known key. The known paths: src/judge3d/core/params_keys.txt."""
     import difflib
 
-    from judge3d.core.params_keys import KNOWN_KEYS
-
+    KNOWN_KEYS = known_keys()
     unknown = [k for k in _key_paths(params) if not any(_matches(k, p) for p in KNOWN_KEYS)]
     if not unknown:
         return
@@ -97,7 +105,7 @@ def check_known_keys(params: Mapping[str, Any], source: str = PARAMS_FILE) -> No
         near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         lines.append(f"'{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
     raise ParamsError(f"{source}: unknown key(s) {', '.join(lines)}. No stage reads them, so the value would be "
-                      "ignored; fix the spelling, or, for a new parameter, add it to src/judge3d/core/params_keys.py.")
+                      "ignored; fix the spelling, or, for a new parameter, add it to src/judge3d/core/params_keys.txt.")
 
 
 def require(params: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...] | None = None,
