@@ -64,7 +64,10 @@ def sparse_lora_layer() -> type:
             if isinstance(x, torch.Tensor):
                 return super().forward(x, *args, **kwargs)
             if kwargs.get("adapter_names") is not None:
-                raise NotImplementedError("mixed-adapter batches are not supported on sparse tensors")
+                # peft's per-sample adapter routing (adapter_names=...) has no sparse-tensor form here:
+                # an input error, named with the fix, not a stub
+                raise ValueError("adapter_names= (a batch mixing adapters) is not supported on sparse tensors; "
+                                 "call the model once per adapter (set_adapter) instead")
             # peft's lora.Linear.forward, step for step, on the feats.
             if self.disable_adapters and self.merged:
                 self.unmerge()
