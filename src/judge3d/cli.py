@@ -57,6 +57,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exp_table(args: argparse.Namespace) -> int:
+    """``judge3d exp-table``: the sweep's table on stdout, unreadable metrics files as warnings on stderr."""
+    import json
+
+    from judge3d.report.experiments import ExperimentsError, table_from_dvc
+
+    try:
+        exp_show = json.loads(Path(args.json).read_text()) if args.json else None
+        table, warnings = table_from_dvc(args.sweep, Path.cwd(), exp_show, args.all_commits, args.param)
+    except (ExperimentsError, OSError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    print(table.markdown() if args.format == "md" else table.csv(), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="judge3d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
                                                   "judge's name, so both backends get the same judge_id)")
     srv.add_argument("--max-image-bytes", type=int, default=None)
     srv.add_argument("--max-pixels", type=int, default=None)
+    ext = sub.add_parser("exp-table", help="a sweep's table from DVC experiments (`dvc exp show`): beta (one row "
+                                           "per DPO β) or seeds (each headline number's spread over train_seed)")
+    ext.add_argument("sweep", metavar="beta|seeds", help="the sweep (judge3d.report.experiments.SWEEPS)")
+    ext.add_argument("--json", default=None, metavar="FILE", help="saved `dvc exp show --json` output "
+                                                                  "(default: run it here)")
+    ext.add_argument("--format", choices=["md", "csv"], default="md")
+    ext.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only the "
+                                                                "newest's (`dvc exp show --all-commits`)")
+    ext.add_argument("--param", default=None, help="the swept param, if not the sweep's own (method.beta, train_seed)")
     args = parser.parse_args(argv)
 
     try:
@@ -132,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if (missing or extra) and not args.write else 0
         if args.command == "serve":
             return _serve(args)
+        if args.command == "exp-table":
+            return _exp_table(args)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
