@@ -166,9 +166,11 @@ def check_not_degenerate(metrics: dict[str, Any], cfg: TrainConfig, name: str) -
 
 
 def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir: str | Path, prompt: str,
-                cfg: TrainConfig, *, name: str, live=None, root: str | Path = ".") -> dict[str, Any]:
+                cfg: TrainConfig, *, name: str, live=None, root: str | Path = ".", device: str = "cpu",
+                save: bool = True) -> dict[str, Any]:
     """Train (logging to dvclive ``live``), evaluate on held-out objects, refuse a degenerate judge,
-    save the HF folder; return a summary."""
+    save the HF folder; return a summary. ``device`` other than the CPU and ``save=False`` are for
+    sweeps (benchmarks/judge_sweep.py): the pipeline trains on the CPU, whose numerics are pinned."""
     import torch
 
     from judge3d.core.training import Checkpointing, cosine_schedule, train
@@ -192,6 +194,7 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
                          f"{cfg.batch_size}); give the judge more candidates per object or lower judges.training.margin.")
 
     model, tok, image_processor = build_tiny_judge(out_dir, arch, sizes, seed=cfg.seed, save=False)
+    model.to(device)
     template = QWEN_CHAT_TEMPLATE if arch == "qwen2_5_vl" else INTERNVL_CHAT_TEMPLATE
     processor = make_image_only_processor(arch, tok, image_processor, template,
                                           image_seq_length(sizes) if arch == "internvl" else None)
@@ -219,14 +222,14 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
         queries = [(index[p["better"]], index[p["worse"]]) if bf else (index[p["worse"]], index[p["better"]])
                    for p, bf in zip(batch, better_first)]
         # index 0 = "A" (the first image is better), 1 = "B"
-        labels = torch.from_numpy((~better_first).astype(np.int64))
         logits = judge.query_logits(images, queries, prompt)
+        labels = torch.from_numpy((~better_first).astype(np.int64)).to(logits.device)
         # Two-way loss over the answer letters, the only tokens the protocol reads (p_first): a
         # full-vocabulary loss spends its first steps learning to say a letter at all.
         pick = logits[:, [target["A"], target["B"]]].float()
         loss = torch.nn.functional.cross_entropy(pick, labels)
         with torch.no_grad():
-            acc = float(((pick[:, 0] > pick[:, 1]) == torch.from_numpy(better_first)).float().mean())
+            acc = float(((pick[:, 0] > pick[:, 1]).cpu() == torch.from_numpy(better_first)).float().mean())
         return loss, {"loss": float(loss.detach()), "accuracy": acc}
 
     model.train()
@@ -237,6 +240,10 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     model.eval()
     # eval goes through p_first, exactly as the judging stages will call the saved judge
     metrics = evaluate_pairs(judge, [_abs(p, root) for p in eval_pairs], prompt, seed=cfg.seed)
+    if not save:
+        return {"name": name, "arch": arch, "n_params": sum(p.numel() for p in model.parameters()),
+                "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "heldout": metrics,
+                "train_wall_s": round(train_s, 1)}
     check_not_degenerate(metrics, cfg, name)
 
     summary = {"name": name, "arch": arch, "sizes": asdict(sizes), "training": asdict(cfg),

@@ -1,0 +1,121 @@
+"""Which levers make the tiny judges see visible defects: a sweep of judge-training settings, each
+judge scored on clear pairs of its OWN held-out objects (never on the study's held-out split).
+
+Each configuration overrides params (``judges.training.*``, ``judges.tiny.<arch>.*``) and may read
+montages rendered at another size (``--montages-root``, a folder with judge_train/ and judge_eval/
+render-stage outputs). Both judges (Qwen2.5-VL on judge_train, InternVL on judge_eval) train from
+scratch through the pipeline's own ``judges.train.train_judge`` (not saved), and the script prints
+held-out clear strict win, decisive, flip rate and judge–oracle agreement per run, with the baseline
+(params as they are) measured in the same run.
+
+Runs are independent processes (``--jobs`` at a time), so on a GPU several tiny judges share it. The
+numbers on a GPU differ from the pipeline's CPU numbers in the last bits, and from-scratch training
+amplifies that; use the sweep to rank levers, then measure the chosen one on the CPU.
+
+    python benchmarks/judge_sweep.py --device cuda --jobs 6 --out benchmarks/results/judge_sweep_h200.txt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+# name -> (overrides of params, montage size folder or None for data/montages)
+CONFIGS: dict[str, tuple[dict, str | None]] = {
+    "baseline": ({}, None),
+    "steps1500": ({"judges.training.steps": 1500}, None),
+    "steps3000": ({"judges.training.steps": 3000}, None),
+    "img224": ({"judges.tiny.*.image_size": 224}, "256"),
+    "img224_steps1500": ({"judges.tiny.*.image_size": 224, "judges.training.steps": 1500}, "256"),
+    "wide_steps1500": ({"judges.tiny.*.lm.hidden": 384, "judges.tiny.*.lm.intermediate": 1024,
+                        "judges.tiny.*.vision.hidden": 256, "judges.tiny.*.vision.intermediate": 512,
+                        "judges.training.steps": 1500}, None),
+    "img224_wide_steps1500": ({"judges.tiny.*.image_size": 224, "judges.tiny.*.lm.hidden": 384,
+                               "judges.tiny.*.lm.intermediate": 1024, "judges.tiny.*.vision.hidden": 256,
+                               "judges.tiny.*.vision.intermediate": 512, "judges.training.steps": 1500}, "256"),
+    "batch32_steps1500": ({"judges.training.batch_size": 32, "judges.training.steps": 1500}, None),
+}
+ROLES = {"train": ("qwen2_5_vl", "judge_train"), "eval": ("internvl", "judge_eval")}
+
+
+def _set(params: dict, dotted: str, value, arch: str) -> None:
+    node = params
+    parts = [arch if p == "*" else p for p in dotted.split(".")]
+    for p in parts[:-1]:
+        node = node[p]
+    if parts[-1] not in node:
+        raise KeyError(f"override {dotted}: no such key in params.yaml")
+    node[parts[-1]] = value
+
+
+def run_one(job: tuple[str, str, str, str, int, int]) -> dict:
+    name, role, device, montages_root, torch_threads, steps = job
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    from judge3d.core.config import load_params
+    from judge3d.core.io import read_jsonl
+    from judge3d.judges.tiny import TinySizes
+    from judge3d.judges.train import TrainConfig, train_judge
+
+    overrides, size = CONFIGS[name]
+    arch, split = ROLES[role]
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    for key, value in overrides.items():
+        _set(params, key, value, arch)
+    if steps:
+        params["judges"]["training"].update(steps=steps, curriculum_steps=min(steps, 1), warmup_steps=min(steps, 1))
+    manifest = Path(montages_root if size else "data/montages") / (size or "") / split / "manifest.jsonl"
+    rows = [r for r in read_jsonl(REPO / manifest) if r.get("split", split) == split]
+    cfg = TrainConfig.from_params(params["judges"]["training"], params["train_seed"])
+    sizes = TinySizes.from_params(params["judges"]["tiny"][arch])
+    t0 = time.time()
+    summary = train_judge(arch, sizes, rows, REPO / ".sweep" / "judges" / f"{name}_{role}", params["judge"]["prompt"],
+                          cfg, name=f"{name}/{role}", root=REPO, device=device, save=False)
+    return {"config": name, "role": role, "arch": arch, "steps": cfg.steps, "n_params": summary["n_params"],
+            "n_train_pairs": summary["n_train_pairs"], "wall_s": round(time.time() - t0, 1),
+            "heldout": summary["heldout"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--montages-root", default=".sweep/montages", help="holds <size>/judge_{train,eval}/")
+    ap.add_argument("--steps", type=int, default=0, help="override every config's steps (a smoke test of the script)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    os.chdir(REPO)
+    jobs = [(name, role, args.device, args.montages_root, args.threads, args.steps)
+            for name in args.configs.split(",") for role in ROLES]
+    out = Path(args.out) if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("")
+    # results as they finish (a run cut short by a time limit keeps every finished line)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for fut in as_completed([pool.submit(run_one, job) for job in jobs]):
+            res = fut.result()
+            c = res["heldout"].get("clear", {})
+            print(f"{res['config']:24s} {res['role']:5s} steps {res['steps']:5d} params {res['n_params'] / 1e6:5.2f}M "
+                  f"clear strict {c.get('strict')} {c.get('strict_wilson_ci')} decisive {c.get('decisive')} "
+                  f"flip {c.get('flip_rate')} oracle-agree {c.get('judge_oracle_agreement')} "
+                  f"(n {c.get('n')}) {res['wall_s']} s", flush=True)
+            if out:
+                with out.open("a") as fh:
+                    fh.write(json.dumps(res, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
