@@ -13,6 +13,12 @@ numbers on a GPU differ from the pipeline's CPU numbers in the last bits, and fr
 amplifies that; use the sweep to rank levers, then measure the chosen one on the CPU.
 
     python benchmarks/judge_sweep.py --device cuda --jobs 6 --out benchmarks/results/judge_sweep_h200.txt
+
+Status: the one GPU run so far (an H200 whose image has transformers 5.17, not the pinned 5.23; all
+8 configurations, 8 jobs at once) gave no result: every judge's loss stayed at ln 2 from the first
+step to the last, so every held-out pair flipped. The same code leaves ln 2 within ~60 steps on the
+CPU with the pinned packages. Not yet understood (the transformers version is the first suspect:
+carry the pinned wheel). Until then, compare configurations on the CPU (``--device cpu``).
 """
 from __future__ import annotations
 
