@@ -520,7 +520,10 @@ def seed_columns(params: Mapping[str, Any]) -> list[Column]:
         Column("training signal: strict win high over low", LABELS, "strict_win_high_over_low", ci="strict_wilson_ci"),
     ]
     for arm in _listed(params, "arms"):
-        cols += [Column(f"{arm} judge strict win", arm_metrics(arm), "strict", ci="strict_wilson_ci"),
+        # the study's decision rule: an arm "meets the bar" at strict >= report.bar; the row says
+        # whether "it does not" holds in every seed
+        cols += [Column(f"{arm} judge strict win", arm_metrics(arm), "strict", ci="strict_wilson_ci",
+                        criterion="< {report.bar}" if "report.bar" in params else None),
                  Column(f"{arm} oracle win", arm_metrics(arm), "oracle_win.rate", ci="oracle_win.rate_ci")]
     return cols
 
