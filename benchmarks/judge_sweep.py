@@ -97,13 +97,14 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per job")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--roles", default="train,eval", help="which judges (train = Qwen2.5-VL, eval = InternVL)")
     ap.add_argument("--montages-root", default=".sweep/montages", help="holds <size>/judge_{train,eval}/")
     ap.add_argument("--steps", type=int, default=0, help="override every config's steps (a smoke test of the script)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.chdir(REPO)
     jobs = [(name, role, args.device, args.montages_root, args.threads, args.steps)
-            for name in args.configs.split(",") for role in ROLES]
+            for name in args.configs.split(",") for role in args.roles.split(",")]
     out = Path(args.out) if args.out else None
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
