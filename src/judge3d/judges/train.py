@@ -167,10 +167,12 @@ def check_not_degenerate(metrics: dict[str, Any], cfg: TrainConfig, name: str) -
 
 def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir: str | Path, prompt: str,
                 cfg: TrainConfig, *, name: str, live=None, root: str | Path = ".", device: str = "cpu",
-                save: bool = True) -> dict[str, Any]:
+                save: bool = True, extra_train_candidates: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Train (logging to dvclive ``live``), evaluate on held-out objects, refuse a degenerate judge,
-    save the HF folder; return a summary. ``device`` other than the CPU and ``save=False`` are for
-    sweeps (benchmarks/judge_sweep.py): the pipeline trains on the CPU, whose numerics are pinned."""
+    save the HF folder; return a summary. ``device`` other than the CPU, ``save=False`` and
+    ``extra_train_candidates`` (candidates of other objects, used for training only, so the held-out
+    objects and pairs stay those of ``candidates``) are for sweeps (benchmarks/judge_sweep.py): the
+    pipeline trains on the CPU, whose numerics are pinned."""
     import torch
 
     from judge3d.core.training import Checkpointing, cosine_schedule, train
@@ -189,6 +191,13 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     held = set(held_objects)
     train_pairs = [p for p in pairs if p["object_id"] not in held and p["kind"] != "near"]
     eval_pairs = [p for p in pairs if p["object_id"] in held]
+    if extra_train_candidates:
+        if held & {c["object_id"] for c in extra_train_candidates}:
+            raise ValueError(f"{name}: extra training candidates include held-out objects")
+        extra = build_pairs(extra_train_candidates, margin=cfg.margin, clear_gap=cfg.clear_gap,
+                            max_pairs_per_object=cfg.max_pairs_per_object, seed=cfg.seed)
+        train_pairs += [p for p in extra if p["kind"] != "near"]
+        pairs = pairs + extra
     if len(train_pairs) < cfg.batch_size:
         raise ValueError(f"{name}: only {len(train_pairs)} labelled training pairs (need >= batch size "
                          f"{cfg.batch_size}); give the judge more candidates per object or lower judges.training.margin.")

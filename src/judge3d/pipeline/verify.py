@@ -164,13 +164,12 @@ def _calibration_rule(root: Path, params: dict, found: dict) -> Any:
                                         prompt_hash=found.get("prompt_sha256"))
 
 
-def _calibration_plot_rule(root: Path, params: dict) -> dict[str, str]:
-    """metrics/plots/<name> -> CSV text of every calibrate plot, rebuilt from the raw logs."""
+def _calibration_plot_rule(recomputed_calibration: dict[str, Any]) -> dict[str, str]:
+    """metrics/plots/<name> -> CSV text of every calibrate plot, from metrics/calibration.json as
+    recomputed from the raw logs (so the logs are read once)."""
     from judge3d.pipeline.judging import calibration_plot_texts
 
-    found = read_json(root / "metrics" / "calibration.json")
-    expected = _calibration_rule(root, params, found)
-    return {f"metrics/plots/{name}": text for name, text in calibration_plot_texts(expected).items()}
+    return {f"metrics/plots/{name}": text for name, text in calibration_plot_texts(recomputed_calibration).items()}
 
 
 def _base_rule(root: Path, params: dict, found: dict) -> Any:
@@ -241,9 +240,9 @@ def check_metrics(root: Path, params: dict) -> tuple[list[str], set[str], dict[s
             out += _cap(ranking, diff_values(recomputed[ranking], found))
         except Exception as exc:
             out.append(f"{ranking}: cannot recompute from the raw logs: {type(exc).__name__}: {exc}")
-    if (root / "metrics" / "calibration.json").is_file():
+    if "metrics/calibration.json" in recomputed:  # else its failure to recompute is already reported
         try:
-            plots = _calibration_plot_rule(root, params)
+            plots = _calibration_plot_rule(recomputed["metrics/calibration.json"])
         except Exception as exc:
             plots = {}
             out.append(f"metrics/plots (calibrate): cannot recompute from the raw logs: {type(exc).__name__}: {exc}")
