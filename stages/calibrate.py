@@ -6,7 +6,7 @@ same seed), base-vs-base (seeds s0 vs s1). The training judge answers the same p
 kappa and its own reliability. Outputs: <out-dir>/{eval,train}_<control>.jsonl (raw logs; a rerun
 asks only unlogged queries), the metrics JSON (pass/fail vs params thresholds) and plot data: the
 flip rate vs |oracle gap|, and each judge's reliability and coverage curves.
-Params: calibrate.*, judge.*, judges.{train,eval}.model.
+Params: calibrate.*, judge.*, judges.{train,eval}.{model,reference}.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--montages-dir", default="data/montages",
                         help="holds heldout_clean/ and heldout_<severity>/ montage manifests (render stage)")
     parser.add_argument("--eval-judge", default=None, help="default: params judges.eval.model")
+    parser.add_argument("--world", default="data/world/manifest.jsonl",
+                        help="the objects' input images (a reference-aware eval judge's references)")
     parser.add_argument("--train-judge", default=None, help="default: params judges.train.model")
     parser.add_argument("--out-dir", default="data/calibration")
     parser.add_argument("--metrics", default="metrics/calibration.json")
@@ -30,16 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from judge3d.core.config import load_params, require
+    from judge3d.judges.references import input_images, is_reference_aware, judge_prompt
     from judge3d.pipeline.judging import load_judge, run_calibrate
     from judge3d.core.seeding import seed_everything
 
     params = load_params()
     seed_everything(require(params, "seed", int))
-    prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
+    prompt = judge_prompt(params, "train")
+    # the reference-aware ablation: the eval judge also sees each object's input image
+    references = input_images(args.world) if is_reference_aware(params, "eval") else None
     eval_judge = load_judge(params, "eval", args.eval_judge)
     train_judge = load_judge(params, "train", args.train_judge)
     m = run_calibrate(eval_judge, train_judge, args.montages_dir, args.out_dir, args.metrics, args.plots_dir, params,
-                      prompt, show_progress=not args.no_progress)
+                      prompt, show_progress=not args.no_progress, eval_prompt=judge_prompt(params, "eval"),
+                      eval_references=references)
     cg, bvb = m["clear_gap"], m["base_vs_base"]
     print(f"calibrate [{m['eval_judge_id']}]: clear-gap strict {cg['strict']} {cg['strict_wilson_ci']} "
           f"({'PASS' if cg['pass'] else 'FAIL'} {cg['criterion']}); base-vs-base decisive {bvb['decisive']} "

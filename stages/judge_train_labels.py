@@ -24,12 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from judge3d.core.config import load_params, require
+    from judge3d.judges.references import judge_prompt
     from judge3d.pipeline.judging import load_judge, run_judge_train_labels
     from judge3d.core.seeding import seed_everything
 
     params = load_params()
     seed_everything(require(params, "seed", int))
-    prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
+    prompt = judge_prompt(params, "train")
     judge = load_judge(params, "train", args.judge)
     m = run_judge_train_labels(judge, args.montages, args.out_dir, args.metrics, params, prompt,
                                show_progress=not args.no_progress)

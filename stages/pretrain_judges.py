@@ -12,6 +12,8 @@ def main() -> None:
     ap.add_argument("--role", required=True, choices=["train", "eval"], help="which judge (params judges.<role>)")
     ap.add_argument("--candidates", required=True, help="candidate manifest: object_id, montage_path, oracle_score")
     ap.add_argument("--out", required=True, help="output HF folder, e.g. models/judges/train")
+    ap.add_argument("--world", default="data/world/manifest.jsonl",
+                    help="the objects' input images (a reference-aware judge's references)")
     ap.add_argument("--metrics", default=None, help="held-out metrics JSON (default metrics/pretrain_judges/<role>.json)")
     ap.add_argument("--live-dir", default=None, help="dvclive folder (default dvclive/pretrain_judges/<role>)")
     args = ap.parse_args()
@@ -19,6 +21,7 @@ def main() -> None:
     from judge3d.core.config import load_params, require
     from judge3d.core.io import read_jsonl, write_json
     from judge3d.core.training import open_live
+    from judge3d.judges.references import input_images, is_reference_aware, judge_prompt
     from judge3d.judges.tiny import TinySizes
     from judge3d.judges.train import TrainConfig, train_judge
 
@@ -28,7 +31,9 @@ def main() -> None:
     split = require(params, f"judges.{args.role}.objects_split", str)
     sizes = TinySizes.from_params(require(params, f"judges.tiny.{arch}", dict))
     cfg = TrainConfig.from_params(require(params, "judges.training", dict), require(params, "train_seed", int))
-    prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
+    prompt = judge_prompt(params, args.role)
+    # the reference-aware ablation: every training query also shows the object's input image
+    references = input_images(args.world) if is_reference_aware(params, args.role) else None
 
     rows = read_jsonl(args.candidates)
     if any("split" in r for r in rows):
@@ -40,7 +45,8 @@ def main() -> None:
     live_dir = args.live_dir or f"dvclive/pretrain_judges/{args.role}"
     # The training loop logs step s at dvclive step s (judge3d.core.training), also after a resume.
     with open_live(live_dir) as live:
-        summary = train_judge(arch, sizes, rows, args.out, prompt, cfg, name=args.role, live=live)
+        summary = train_judge(arch, sizes, rows, args.out, prompt, cfg, name=args.role, live=live,
+                              references=references)
         live.summary.update({"clear_strict": summary["heldout"]["clear"]["strict"],
                              "wall_s": summary["wall_s"], "n_params": summary["n_params"]})
     write_json(args.metrics or f"metrics/pretrain_judges/{args.role}.json", summary)

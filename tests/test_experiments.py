@@ -209,3 +209,29 @@ def test_cli_exp_table(tmp_path, monkeypatch, capsys):
     assert "could not read metrics/arms/dpo.json at master" in err and "leaves out lists such as CIs" in err
     assert main(["exp-table", "gamma", "--json", str(DATA / "dvc_exp_show.json")]) == 2
     assert "no sweep 'gamma'; sweeps: beta, seeds" in capsys.readouterr().err
+
+
+def _reference_exp(name: str, reference: bool, prefer_first: float, headroom: float) -> X.Experiment:
+    params = {"judges.eval.reference": reference, "calibrate.severities": ["severe"], "arms.dpo.kind": "dpo"}
+    cal = {"clear_gap": {"strict": 0.5, "strict_wilson_ci": [0.3, 0.7]},
+           "base_vs_base": {"decisive": 0.5, "decisive_ci": [0.3, 0.7]},
+           "headroom": {"severe": {"strict": headroom, "strict_wilson_ci": [headroom - 0.1, headroom + 0.1]}},
+           "judge_oracle_agreement": 0.6, "judge_oracle_agreement_ci": [0.5, 0.7],
+           "eval_judge_all_pairs": {"prefer_first_rate": prefer_first, "prefer_first_rate_ci": [0.4, 0.9],
+                                    "flip_rate": 0.2, "flip_rate_ci": [0.1, 0.3]}}
+    arm = {"strict": 0.4, "strict_wilson_ci": [0.2, 0.6], "oracle_win": {"rate": 0.1, "rate_ci": [0.0, 0.2]}}
+    metrics = {X.CALIBRATION: X.flatten(cal), "metrics/arms/dpo.json": X.flatten(arm)}  # as parse_exp_show gives them
+    if name == "main":
+        return X.Experiment(name, "c0", "commit", params, metrics)
+    return X.Experiment(name, "e1", "success", params, metrics, baseline="c0")
+
+
+def test_reference_table_puts_the_reference_aware_judge_beside_the_reference_free_one():
+    exps = [_reference_exp("main", False, 0.5, 0.44), _reference_exp("reference-aware", True, 0.8, 0.9)]
+    table = X.study_table("reference", exps)
+    shown = table.display
+    assert len(shown) == 2
+    assert {"headroom severe strict", "prefer-first rate", "dpo judge strict win", "dpo oracle win"} <= set(shown.columns)
+    cells = shown.set_index(shown.columns[0])
+    assert cells.loc[:, "prefer-first rate"].str.startswith(("0.500", "0.800")).all()
+    assert sorted(cells["headroom severe strict"].str[:5]) == ["0.440", "0.900"]

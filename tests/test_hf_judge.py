@@ -121,6 +121,53 @@ def test_our_input_path_matches_the_processor_and_model_reference(judges, arch, 
         assert len(lengths) > 1, "the batch must mix sequence lengths to test left padding"
 
 
+REF_PROMPT = "Input: <image0> A: <image1> B: <image2> Better: A or B?"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_reference_slot_input_path_matches_the_processor_and_model_reference(judges, arch):
+    """Three images (reference, first, second): our ids and logits equal the stock processor's and the
+    model's, and p_first (which batches and shares the images) gives the same answers."""
+    judge = judges[arch]
+    ims = _images(3, seed=5) + _images(1, seed=6, size=(90, 40))
+    queries = [(2, 0, 1), (2, 1, 0), (3, 0, 1), (0, 3, 1)]
+    prepared = judge.prepare_images(ims)
+    with torch.no_grad():
+        ours = judge.query_logits(prepared, queries, REF_PROMPT)
+    for row, q in enumerate(queries):
+        ref_inputs = judge.reference_inputs(*(ims[i] for i in q), prompt=REF_PROMPT)
+        ids = ref_inputs["input_ids"][0].tolist()
+        assert ids == judge.query_ids(REF_PROMPT, *(prepared[i] for i in q))
+        assert ids.count(judge.arch.placeholder_id()) == sum(prepared[i].n_tokens for i in q)
+        with torch.no_grad():
+            ref = judge.model(**ref_inputs).logits[:, -1]
+        torch.testing.assert_close(ours[row:row + 1], ref, atol=1e-5, rtol=0)
+    p = judge.p_first([tuple(ims[i] for i in q) for q in queries], REF_PROMPT)
+    np.testing.assert_allclose(p, p_first_from_logits(ours, judge.answer_ids).double().numpy(), rtol=0, atol=1e-5)
+    assert p[0] != p[2]   # only the reference differs: the judge sees it
+
+
+def test_malformed_reference_prompt_and_wrong_query_length_fail_clearly(judges):
+    from judge3d.judges.hf import prompt_content, prompt_image_count
+
+    assert prompt_image_count(PROMPT) == prompt_image_count(SLOT_PROMPT) == 2
+    assert prompt_image_count(REF_PROMPT) == 3
+    assert prompt_content(REF_PROMPT) == [
+        {"type": "text", "text": "Input: "}, {"type": "image"}, {"type": "text", "text": " A: "}, {"type": "image"},
+        {"type": "text", "text": " B: "}, {"type": "image"}, {"type": "text", "text": " Better: A or B?"}]
+    for bad in ("A: <image1> ref: <image0> B: <image2>", "<image0> <image0> A: <image1> B: <image2>",
+                "Input: <image0> only the reference", "<image0> <image2> <image1>"):
+        for parse in (prompt_image_count, prompt_content):
+            with pytest.raises(ValueError, match="optionally with the reference slot <image0> once before <image1>"):
+                parse(bad)
+    judge = judges["qwen2_5_vl"]
+    x, y, r = _images(3, seed=8)
+    with pytest.raises(ValueError, match=r"query 0 has 2 images but the prompt shows 3 \(reference, first, second\)"):
+        judge.p_first([(x, y)], REF_PROMPT)
+    with pytest.raises(ValueError, match=r"query 1 has 3 images but the prompt shows 2 \(first, second\)"):
+        judge.p_first([(x, y), (r, x, y)], SLOT_PROMPT)
+
+
 def test_missing_dir_fails_with_its_name(tmp_path):
     missing = tmp_path / "models" / "judges" / "train"
     with pytest.raises(JudgeLoadError, match="pretrain-judges") as info:
@@ -268,6 +315,35 @@ def test_position_only_judge_is_refused():
     assert metrics["clear"]["flip_rate"] == 1.0 and metrics["clear"]["strict"] == 0.0
     with pytest.raises(DegenerateJudgeError, match="position"):
         check_not_degenerate(metrics, TrainConfig(), "always-first")
+
+
+class _RecordingJudge(_AlwaysFirst):
+    def __init__(self):
+        self.queries = []
+
+    def p_first(self, pairs, prompt):
+        self.queries += list(pairs)
+        return super().p_first(pairs, prompt)
+
+
+def test_reference_aware_training_needs_references_for_every_object_and_shows_them_first():
+    from judge3d.judges.tiny import TinySizes
+    from judge3d.judges.train import train_judge
+
+    cands = _cands([0.9, 0.5, 0.2]) + _cands([0.8, 0.3], obj="o2")
+    args = ("qwen2_5_vl", TinySizes(), cands, "unused-out", REF_PROMPT, TrainConfig())
+    with pytest.raises(ValueError, match=r"no reference image for 1 object\(s\) \['o2'\]"):
+        train_judge(*args, name="ref", references={"o1": "o1/input.png"})
+    with pytest.raises(ValueError, match="names the reference slot <image0>; pass references"):
+        train_judge(*args, name="ref")
+    with pytest.raises(ValueError, match="no <image0> slot"):
+        train_judge("qwen2_5_vl", TinySizes(), cands, "unused-out", PROMPT, TrainConfig(), name="plain",
+                    references={"o1": "a.png", "o2": "b.png"})
+    pairs = [{"pair_id": f"o{i}:clear:0", "object_id": f"o{i}", "better": "a", "worse": "b", "better_score": 0.9,
+              "worse_score": 0.5, "kind": "clear"} for i in range(3)]
+    judge = _RecordingJudge()
+    evaluate_pairs(judge, pairs, REF_PROMPT, references={f"o{i}": f"ref{i}" for i in range(3)})
+    assert judge.queries == [(f"ref{i}", "a", "b") for i in range(3)] + [(f"ref{i}", "b", "a") for i in range(3)]
 
 
 def _clear(w: int, l: int, f: int) -> dict:

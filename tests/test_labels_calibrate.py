@@ -440,3 +440,67 @@ def test_stages_through_tiny_hf_judges(tmp_path, train_manifest):
     assert evalj.queries == 2 * 2 * 4 and train.queries == 22 + 2 * 2 * 4  # both judges answer every control
     assert c["eval_judge_id"] == evalj.judge_id != c["train_judge_id"] == train.judge_id
     assert isinstance(c["passed"], bool) and c["flip_vs_gap"]["n"] == 8
+
+
+# --------------------------------------------------------------------------------------------
+# the reference-aware eval judge (ablation)
+# --------------------------------------------------------------------------------------------
+REF_PROMPT = "Input: <image0> A: <image1> B: <image2> Better: A or B?"
+
+
+class FakeReferenceJudge(FakeJudge):
+    """Answers (reference, first, second) triples only, from the two montages' qualities."""
+
+    def p_first(self, triples, prompt):
+        assert all(len(t) == 3 for t in triples), "a reference-aware judge gets the reference first"
+        self.references = {str(t[0]) for t in triples}
+        return super().p_first([(a, b) for _, a, b in triples], prompt)
+
+
+def test_calibrate_with_a_reference_aware_eval_judge(tmp_path):
+    root, _, _ = _heldout(tmp_path, bvb_gap=0.01)
+    image = tmp_path / "input.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(image)
+    objects = {r["object_id"] for p in (root / "heldout_clean").glob("manifest.jsonl") for r in read_jsonl(p)}
+    references = {o: str(image) for o in objects}
+    out, met, plots = tmp_path / "cal", tmp_path / "metrics/calibration.json", tmp_path / "metrics/plots"
+    ev, tr = FakeReferenceJudge("eval@aaaaaaaaaaaa"), FakeJudge("train@bbbbbbbbbbbb", bias=-0.3)
+    m = run_calibrate(ev, tr, root, out, met, plots, PARAMS, PROMPT, show_progress=False,
+                      eval_prompt=REF_PROMPT, eval_references=references)
+    assert ev.references == {str(image)} and ev.queries == tr.queries == 2 * 4 * 4
+    assert m["eval_reference_aware"] is True and m["prompt_sha256"] != m["train_prompt_sha256"]
+    rows = read_jsonl(out / "eval_clear_gap.jsonl")
+    assert all(r["reference"] == image.as_posix() and r["reference_sha256"] for r in rows)
+    assert not any("reference" in r for r in read_jsonl(out / "train_clear_gap.jsonl"))
+    # verify's path: the logs alone give the same metrics (the two prompt hashes from the metrics file)
+    again = calibration_metrics_from_dir(out, PARAMS, prompt_hash=m["prompt_sha256"],
+                                         train_prompt_hash=m["train_prompt_sha256"])
+    assert again == m
+
+
+def test_reference_free_judges_must_share_one_prompt(tmp_path):
+    root, _, _ = _heldout(tmp_path, bvb_gap=0.01)
+    with pytest.raises(ValueError, match="apples and pears"):
+        run_calibrate(FakeJudge("eval@aaaaaaaaaaaa"), FakeJudge("train@bbbbbbbbbbbb"), root, tmp_path / "cal",
+                      tmp_path / "c.json", tmp_path / "plots", PARAMS, PROMPT, show_progress=False,
+                      eval_prompt="<image1> <image2> Which one is better, A or B?")
+
+
+def test_judge_prompt_follows_the_reference_switch():
+    from judge3d.core.config import ParamsError
+    from judge3d.judges.references import judge_prompt, with_references
+    from judge3d.judges.protocol import Pair
+
+    params = {"judge": {"prompt": PROMPT, "reference_prompt": REF_PROMPT},
+              "judges": {"eval": {"reference": False}, "train": {}}}
+    assert judge_prompt(params, "eval") == PROMPT and judge_prompt(params, "train") == PROMPT
+    params["judges"]["eval"]["reference"] = True
+    assert judge_prompt(params, "eval") == REF_PROMPT and judge_prompt(params, "train") == PROMPT
+    params["judge"]["reference_prompt"] = PROMPT  # no <image0>: the switch and the prompt disagree
+    with pytest.raises(ParamsError, match="judge.reference_prompt shows 2 images"):
+        judge_prompt(params, "eval")
+    params["judges"]["train"]["reference"] = True
+    with pytest.raises(ParamsError, match="only the evaluation judge"):
+        judge_prompt(params, "train")
+    with pytest.raises(ValueError, match=r"no input image for object\(s\) \['b'\]"):
+        with_references([Pair("p1", "a", "x.png", "y.png"), Pair("p2", "b", "x.png", "y.png")], {"a": "in.png"})

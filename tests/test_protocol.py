@@ -389,3 +389,111 @@ def test_check_row_catches_tampering(tmp_path):
     assert any("key" in p for p in check_row(other_judge))
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(pairs[0].x)
     assert any("changed" in p for p in check_row(rows[0], check_images=True))
+
+
+# ---------------------------------------------------------------- reference-aware judging (<image0>)
+REF_PROMPT = "Input: <image0> A: <image1> B: <image2> Which 3D shape is better? Answer A or B."
+
+
+class RefBackend(FakeBackend):
+    """Prefers the montage whose brightness is closer to the reference's; records every triple."""
+
+    judge_id = "fake-ref-judge"
+
+    def __init__(self, fail_after_calls=None):
+        super().__init__(self.judge_id, fail_after_calls)
+
+    def p_first(self, queries, prompt):
+        if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        self.batches.append([tuple(Path(p).name for p in q) for q in queries])
+        mean = {p: np.asarray(Image.open(p), dtype=np.float64).mean() for q in queries for p in q}
+        return np.array([1.0 / (1.0 + np.exp((abs(mean[a] - mean[r]) - abs(mean[b] - mean[r])) / 10.0))
+                         for r, a, b in queries])
+
+
+def with_references(tmp_path, pairs):
+    ref_dir = tmp_path / "inputs"
+    ref_dir.mkdir()
+    out = []
+    for pair in pairs:
+        path = ref_dir / f"{pair.object_id}.png"
+        if not path.exists():
+            Image.fromarray(np.full((8, 8, 3), 100 + 20 * len(out), dtype=np.uint8)).save(path)
+        out.append(Pair(**{**pair.__dict__, "reference": str(path)}))
+    return out
+
+
+def test_reference_pairs_log_the_reference_and_resume(tmp_path):
+    from judge3d.core.io import file_sha256
+    from judge3d.core.resume import AnswerCache
+    from judge3d.judges.verdict_log import query_key
+
+    pairs = with_references(tmp_path, make_world(tmp_path, n_pairs=4))
+    log = tmp_path / "verdicts.jsonl"
+    backend = RefBackend()
+    rows = run_pairs(backend, pairs, log, REF_PROMPT, batch_size=4, show_progress=False)
+    assert len(rows) == 8 and read_jsonl(log) == rows
+    # the reference comes first in both orders; only the montages swap, and a pair's orders share a batch
+    assert backend.batches[0] == [("obj0.png", "0_x.png", "0_y.png"), ("obj0.png", "0_y.png", "0_x.png"),
+                                  ("obj0.png", "1_x.png", "1_y.png"), ("obj0.png", "1_y.png", "1_x.png")]
+    for row, pair in zip(rows, [p for p in pairs for _ in range(2)]):
+        assert row["reference"] == Path(pair.reference).as_posix()
+        assert row["reference_sha256"] == file_sha256(pair.reference)
+        assert check_row(row, check_images=True) == []
+    r = rows[0]
+    plain = query_key(r["pair_id"], r["order"], r["judge_id"], r["prompt_sha256"], r["first_sha256"], r["second_sha256"])
+    assert r["key"] != plain  # the same query without the reference is another query
+    assert r["key"] == query_key(r["pair_id"], r["order"], r["judge_id"], r["prompt_sha256"], r["first_sha256"],
+                                 r["second_sha256"], reference_sha=r["reference_sha256"])
+    assert summarize(rows, n_boot=100) == summarize(read_log(log), n_boot=100)
+
+    again = RefBackend()  # everything logged: nothing asked
+    assert run_pairs(again, pairs, log, REF_PROMPT, batch_size=4, show_progress=False) == rows
+    assert again.n_queries == 0
+
+    # killed after one batch; the stage's log deleted (as dvc repro does): the resume cache answers it
+    cache = AnswerCache(tmp_path / "cache")
+    killed = tmp_path / "killed.jsonl"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pairs(RefBackend(fail_after_calls=1), pairs, killed, REF_PROMPT, batch_size=4, show_progress=False,
+                  answer_cache=cache)
+    killed.unlink()
+    resumed_backend = RefBackend()
+    resumed = run_pairs(resumed_backend, pairs, killed, REF_PROMPT, batch_size=4, show_progress=False,
+                        answer_cache=cache)
+    assert resumed == rows and resumed_backend.n_queries == 4
+
+    # a changed input image is a new query for its object's pairs only
+    Image.fromarray(np.full((8, 8, 3), 3, dtype=np.uint8)).save(pairs[0].reference)
+    assert any("reference image" in p and "changed" in p for p in check_row(rows[0], check_images=True))
+    changed = RefBackend()
+    run_pairs(changed, pairs, log, REF_PROMPT, batch_size=4, show_progress=False)
+    assert changed.n_queries == 4 and {q[0] for b in changed.batches for q in b} == {"obj0.png"}
+
+
+def test_reference_and_prompt_must_agree(tmp_path):
+    plain = make_world(tmp_path, n_pairs=2)
+    pairs = with_references(tmp_path, plain)
+    log = tmp_path / "verdicts.jsonl"
+    with pytest.raises(ValueError, match=r"pair pair00: the prompt shows a reference image \(<image0>\) but the pair "
+                                         "has none"):
+        run_pairs(RefBackend(), plain, log, REF_PROMPT, batch_size=2, show_progress=False)
+    with pytest.raises(ValueError, match="pair pair01: the pair has a reference image .* no <image0> slot"):
+        run_pairs(FakeBackend(), [plain[0], pairs[1]], log, PROMPT, batch_size=2, show_progress=False)
+    gone = [Pair(**{**pairs[0].__dict__, "reference": str(tmp_path / "no_input.png")})]
+    with pytest.raises(FileNotFoundError, match="pair pair00: reference image .*no_input.png not found"):
+        run_pairs(RefBackend(), gone, log, REF_PROMPT, batch_size=2, show_progress=False)
+    with pytest.raises(ValueError, match="reference slot <image0>"):
+        run_pairs(RefBackend(), pairs, log, "A: <image1> <image0> B: <image2>", batch_size=2, show_progress=False)
+    assert not log.exists() or read_jsonl(log) == []
+
+
+def test_protocol_imports_no_model_stack():
+    """The protocol, the log and the slot grammar stay usable (verify, the report) without torch."""
+    code = ("import sys, judge3d.judges.protocol, judge3d.judges.slots, judge3d.judges.verdict_log; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -163,7 +163,7 @@ def test_bad_requests_are_4xx_naming_the_problem(server):
     cases = [
         (_body([good, "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA"]), "image 2: not a readable"),
         (_body([good, "data:image/png;base64,@@@not-base64@@@"]), "image 2: malformed base64"),
-        (_body([good, good, good]), "exactly two images; the message has 3"),
+        (_body([good] * 4), "the message has 4 image_url parts"),
         (_body([good]), "the message has 1"),
         (_body([good, good], max_tokens=5), "max_tokens must be 1"),
         (_body([_url(Image.new("RGB", (200, 200))), good]), f"image 1: 200x200 = 40000 pixels, over the server's "
@@ -186,6 +186,32 @@ def test_server_rebuilds_the_chat_content_the_judge_builds(prompt):
             "top_logprobs": 2}
     rebuilt, images = parse_request(body, 10 ** 6, 10 ** 6)
     assert len(images) == 2 and prompt_content(rebuilt) == prompt_content(prompt)
+
+
+REF_PROMPTS = ["Input: <image0> A: <image1> B: <image2> Which is the better reconstruction? Answer A or B.",
+               "<image0><image1><image2>Which is better? A or B."]
+
+
+@pytest.mark.parametrize("prompt", REF_PROMPTS)
+def test_server_rebuilds_a_reference_aware_prompt(prompt):
+    url = _url(Image.new("RGB", (8, 8)))
+    content = [{"type": "image_url", "image_url": {"url": url}} if p["type"] == "image" else p
+               for p in prompt_content(prompt)]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1, "logprobs": True,
+            "top_logprobs": 2}
+    rebuilt, images = parse_request(body, 10 ** 6, 10 ** 6)
+    assert rebuilt == prompt and len(images) == 3
+
+
+def test_served_reference_aware_p_first_equals_in_process(server, local_judge, montages):
+    remote = OpenAIJudge(server, api_key=TOKEN, workers=2)
+    queries = [(montages[2], montages[0], montages[1]), (montages[2], montages[1], montages[0]),
+               (montages[3], montages[0], montages[1])]
+    want = local_judge.p_first(queries, REF_PROMPTS[0])
+    np.testing.assert_allclose(remote.p_first(queries, REF_PROMPTS[0]), want, rtol=0, atol=1e-6)
+    assert want[0] != want[2]      # the reference is part of what the judge sees
+    with pytest.raises(ValueError, match="query 0 has 2 images but the prompt shows 3"):
+        remote.p_first([(montages[0], montages[1])], REF_PROMPTS[0])
 
 
 def test_non_loopback_host_without_token_refuses_to_start(judge_dir, monkeypatch, capsys):

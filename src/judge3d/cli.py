@@ -107,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--max-image-bytes", type=int, default=None)
     srv.add_argument("--max-pixels", type=int, default=None)
     ext = sub.add_parser("exp-table", help="a sweep's table from DVC experiments (`dvc exp show`): beta (one row "
-                                           "per DPO β) or seeds (each headline number's spread over train_seed)")
-    ext.add_argument("sweep", metavar="beta|seeds", help="the sweep (judge3d.report.experiments.SWEEPS)")
+                                           "per DPO β), seeds (each headline number's spread over train_seed) or "
+                                           "reference (the reference-aware eval judge beside the reference-free one)")
+    ext.add_argument("sweep", metavar="beta|seeds|reference", help="the sweep (judge3d.report.experiments.SWEEPS)")
     ext.add_argument("--json", default=None, metavar="FILE", help="saved `dvc exp show --json` output "
                                                                   "(default: run it here)")
     ext.add_argument("--format", choices=["md", "csv"], default="md")
     ext.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only the "
                                                                 "newest's (`dvc exp show --all-commits`)")
-    ext.add_argument("--param", default=None, help="the swept param, if not the sweep's own (method.beta, train_seed)")
+    ext.add_argument("--param", default=None, help="the swept param, if not the sweep's own (method.beta, train_seed, "
+                                                              "judges.eval.reference)")
     args = parser.parse_args(argv)
 
     try:

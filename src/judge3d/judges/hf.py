@@ -35,6 +35,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+# The prompt's image slots (<image0> reference, <image1>, <image2>); their grammar lives in slots.py, which
+# imports no torch, so the protocol and the server share it. Re-exported here for existing callers.
+from judge3d.judges.slots import (IMAGE_SLOTS, REFERENCE_SLOT, prompt_content,  # noqa: F401
+                                  prompt_image_count, slot_layout)
+
 ANSWER_LETTERS = ("A", "B")
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "internvl")
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -419,30 +424,6 @@ _ARCHES = {"qwen2_5_vl": _QwenArch, "internvl": _InternVLArch}
 # --------------------------------------------------------------------------------------------
 # the judge
 # --------------------------------------------------------------------------------------------
-IMAGE_SLOTS = ("<image1>", "<image2>")
-
-
-def prompt_content(prompt: str) -> list[dict]:
-    """Chat content items for a judge prompt: the two images at their slots, or first (no slots)."""
-    present = [slot in prompt for slot in IMAGE_SLOTS]
-    if not any(present):
-        return [{"type": "image"}, {"type": "image"}, {"type": "text", "text": prompt}]
-    counts = [prompt.count(slot) for slot in IMAGE_SLOTS]
-    first, second = (prompt.find(slot) for slot in IMAGE_SLOTS)
-    if counts != [1, 1] or first > second:
-        raise ValueError(f"judge prompt {prompt!r}: name each of {IMAGE_SLOTS[0]} and {IMAGE_SLOTS[1]} once, in "
-                         "that order (or neither, to show both images before the text).")
-    head, rest = prompt.split(IMAGE_SLOTS[0])
-    middle, tail = rest.split(IMAGE_SLOTS[1])
-    content: list[dict] = []
-    for text, image in ((head, True), (middle, True), (tail, False)):
-        if text:
-            content.append({"type": "text", "text": text})
-        if image:
-            content.append({"type": "image"})
-    return content
-
-
 def open_image(image: ImageLike):
     from PIL import Image
 
@@ -632,45 +613,70 @@ class HFJudge:
 
     # ---------------------------------------------------------------- inputs
     def messages(self, prompt: str) -> list[dict]:
-        """One user turn with the two images. A prompt naming both slots (``<image1>``, ``<image2>``)
-        places each image there, e.g. ``"A: <image1> B: <image2> Better: A or B?"``; otherwise both
-        images come first and the prompt after them."""
+        """One user turn with the query's images. A prompt naming both slots (``<image1>``, ``<image2>``)
+        places each image there, e.g. ``"A: <image1> B: <image2> Better: A or B?"``; one that also names
+        ``<image0>`` (before ``<image1>``) shows the reference image there, e.g.
+        ``"Input: <image0> A: <image1> B: <image2> Better: A or B?"``; otherwise both images come first
+        and the prompt after them (see :mod:`judge3d.judges.slots`)."""
         return [{"role": "user", "content": prompt_content(prompt)}]
 
     def prompt_text(self, prompt: str) -> str:
         return self.processor.apply_chat_template(self.messages(prompt), tokenize=False,
                                                   add_generation_prompt=True)
 
-    def _template_segments(self, prompt: str) -> tuple[list[int], list[int], list[int]]:
-        """Token ids of the chat text split at its two image placeholders: (before, between, after)."""
+    def _template_segments(self, prompt: str) -> tuple[list[int], ...]:
+        """Token ids of the chat text split at its n image placeholders (n = prompt_image_count, 2 or 3):
+        n + 1 segments, e.g. (before, between, after) for two images."""
         if prompt not in self._template_cache:
             if not prompt or not prompt.strip():
                 raise ValueError("judge prompt is empty: set judge.prompt in params.yaml.")
+            n = prompt_image_count(prompt)
             ids = self.tokenizer(self.prompt_text(prompt))["input_ids"]
             ph = self.arch.placeholder_id()
             at = [i for i, t in enumerate(ids) if t == ph]
-            if len(at) != 2:
+            if len(at) != n:
                 raise JudgeLoadError(f"{self.judge_id}: the chat template gave {len(at)} image placeholders for "
-                                     "two images; the template and processor do not match.")
-            self._template_cache[prompt] = (ids[:at[0]], ids[at[0] + 1:at[1]], ids[at[1] + 1:])
+                                     f"{n} images; the template and processor do not match.")
+            bounds = [-1, *at, len(ids)]
+            self._template_cache[prompt] = tuple(ids[bounds[k] + 1:bounds[k + 1]] for k in range(n + 1))
         return self._template_cache[prompt]
 
-    def query_ids(self, prompt: str, first: PreparedImage, second: PreparedImage) -> list[int]:
-        before, between, after = self._template_segments(prompt)
-        return before + self.arch.expand(first) + between + self.arch.expand(second) + after
+    def query_ids(self, prompt: str, *images: PreparedImage) -> list[int]:
+        """The LM ids of one query: ``images`` in slot order, (first, second) or (reference, first, second)."""
+        segments = self._template_segments(prompt)
+        if len(images) != len(segments) - 1:
+            raise ValueError(f"judge prompt {prompt!r} shows {len(segments) - 1} images "
+                             f"{slot_layout(len(segments) - 1)}; the query has {len(images)}.")
+        ids = list(segments[0])
+        for image, segment in zip(images, segments[1:]):
+            ids += self.arch.expand(image) + segment
+        return ids
 
     def prepare_images(self, images: Iterable[ImageLike]) -> list[PreparedImage]:
         return [self.arch.prepare_path(im) for im in images]
 
-    def reference_inputs(self, first: ImageLike, second: ImageLike, prompt: str):
-        """The processor's own inputs for one query (the reference path; the naive benchmark uses it)."""
-        return self.processor(text=[self.prompt_text(prompt)], images=[open_image(first), open_image(second)],
+    def reference_inputs(self, *images: ImageLike, prompt: str | None = None):
+        """The processor's own inputs for one query (the reference path; the naive benchmark uses it).
+
+        ``images`` in slot order: (first, second) or (reference, first, second). ``prompt`` by keyword,
+        or as the last positional argument (``reference_inputs(first, second, prompt)``, the older form).
+        """
+        if prompt is None:
+            if not images:
+                raise TypeError("reference_inputs needs the query's images and the prompt.")
+            *images, prompt = images
+        n = prompt_image_count(prompt)
+        if len(images) != n:
+            raise ValueError(f"judge prompt {prompt!r} shows {n} images {slot_layout(n)}; got {len(images)}.")
+        return self.processor(text=[self.prompt_text(prompt)], images=[open_image(im) for im in images],
                               return_tensors="pt")
 
     # ---------------------------------------------------------------- forward
-    def query_logits(self, prepared: Sequence[PreparedImage], queries: Sequence[tuple[int, int]], prompt: str,
+    def query_logits(self, prepared: Sequence[PreparedImage], queries: Sequence[tuple[int, ...]], prompt: str,
                      features: Sequence | None = None):
-        """Last-position logits (B, V) for queries given as (first, second) indices into ``prepared``.
+        """Last-position logits (B, V) for queries given as indices into ``prepared``, one per image the
+        prompt shows, in slot order: (first, second), or (reference, first, second) for a prompt naming
+        ``<image0>``.
 
         Each distinct image is encoded once (or taken from ``features``); left padding; grads flow
         if enabled (training uses this same function).
@@ -683,7 +689,7 @@ class HFJudge:
             feats = dict(zip(used, enc))
         else:
             feats = {i: features[i] for i in used}
-        seqs = [self.query_ids(prompt, prepared[a], prepared[b]) for a, b in queries]
+        seqs = [self.query_ids(prompt, *(prepared[i] for i in q)) for q in queries]
         width = max(len(s) for s in seqs)
         dev = self.model.device
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -695,20 +701,31 @@ class HFJudge:
         q_feats = [feats[i] for q in queries for i in q]
         return self.arch.forward_last(input_ids.to(dev), mask.to(dev), q_images, q_feats)
 
-    def p_first(self, pairs: Sequence[tuple[ImageLike, ImageLike]], prompt: str) -> np.ndarray:
-        """P(first image is better) per (first, second) pair, one forward pass per query.
+    def p_first(self, pairs: Sequence[tuple[ImageLike, ...]], prompt: str) -> np.ndarray:
+        """P(first image is better) per query, one forward pass per query.
 
-        Queries that share an image (e.g. both orders of a pair) are batched together so the image is
-        encoded once. With ``prep_workers`` > 0 the image processor runs in threads, the next batch's
-        images while the model works on this one (same arrays, so the same outputs).
+        A query is a tuple of images (paths or PIL) in slot order: (first, second), or (reference,
+        first, second) for a prompt naming ``<image0>``; its length must match the prompt's image count.
+        Queries that share an image (e.g. both orders of a pair, and their reference) are batched
+        together so the image is encoded once. With ``prep_workers`` > 0 the image processor runs in
+        threads, the next batch's images while the model works on this one (same arrays, so the same
+        outputs).
         """
         import torch
 
         if len(pairs) == 0:
             return np.zeros(0, dtype=np.float64)
-        keys = [(_image_key(a), _image_key(b)) for a, b in pairs]
+        n = prompt_image_count(prompt)
+        pairs = [tuple(q) for q in pairs]
+        for i, q in enumerate(pairs):
+            if len(q) != n:
+                raise ValueError(f"judge query {i} has {len(q)} images but the prompt shows {n} {slot_layout(n)}: "
+                                 f"pass {slot_layout(n)} tuples, or change the prompt ({REFERENCE_SLOT} names the "
+                                 "reference image).")
+        keys = [tuple(_image_key(im) for im in q) for q in pairs]
         # both orders of a pair next to each other, so one batch holds them and shares their features
-        order = sorted(range(len(pairs)), key=lambda i: (tuple(sorted(keys[i])), keys[i]))
+        # (a reference comes first in the sort key: both orders share it; () for two-image queries)
+        order = sorted(range(len(pairs)), key=lambda i: (keys[i][:-2], tuple(sorted(keys[i][-2:])), keys[i]))
         chunks = []
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
@@ -719,7 +736,7 @@ class HFJudge:
                     if k not in index:
                         index[k] = len(sources)
                         sources.append(im)
-            chunks.append((chunk, [(index[keys[i][0]], index[keys[i][1]]) for i in chunk], sources))
+            chunks.append((chunk, [tuple(index[k] for k in keys[i]) for i in chunk], sources))
         out = np.empty(len(pairs), dtype=np.float64)
         pool = ThreadPoolExecutor(self.prep_workers) if self.prep_workers > 0 else None
 

@@ -1,8 +1,9 @@
 """The ``openai`` judge backend: any OpenAI-compatible chat-completions server read out as P(first).
 
-Each query is one request: the prompt and both montages as ``image_url`` parts, laid out as
-:func:`judge3d.judges.hf.prompt_content` lays them out for the in-process judge (so against
-``judge3d serve`` both paths see the same prompt; see :mod:`judge3d.judges.serve`), with
+Each query is one request: the prompt and both montages (after the reference image, for a prompt
+naming ``<image0>``) as ``image_url`` parts, laid out as :func:`judge3d.judges.slots.prompt_content`
+lays them out for the in-process judge (so against ``judge3d serve`` both paths see the same
+prompt; see :mod:`judge3d.judges.serve`), with
 ``max_tokens=1``, ``logprobs=True`` and ``top_logprobs=N``. P(first) is read like the hf backend
 reads it: each letter's log-probability is the log-sum-exp over its variants among the top
 log-probabilities (bare "A" and word-initial " A"), then a softmax over the two letters. An answer
@@ -23,7 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from judge3d.judges.hf import ANSWER_LETTERS, prompt_content
+from judge3d.judges.hf import ANSWER_LETTERS
+from judge3d.judges.slots import prompt_content, prompt_image_count, slot_layout
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -97,33 +99,43 @@ class OpenAIJudge:
         revision = served[model]
         self.judge_id = f"{model}@{revision[:12]}" if revision else model
 
-    def _content(self, first: Any, second: Any, prompt: str) -> list[dict]:
-        images = iter((first, second))
-        return [{"type": "image_url", "image_url": {"url": image_data_url(next(images))}}
+    def _content(self, images: Sequence[Any], prompt: str) -> list[dict]:
+        """The user turn's content: ``images`` in slot order at the prompt's image parts."""
+        it = iter(images)
+        return [{"type": "image_url", "image_url": {"url": image_data_url(next(it))}}
                 if part["type"] == "image" else part for part in prompt_content(prompt)]
 
-    def _ask(self, index: int, first: Any, second: Any, prompt: str) -> float:
+    def _ask(self, index: int, images: tuple, prompt: str) -> float:
         response = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": self._content(first, second, prompt)}],
+            model=self.model, messages=[{"role": "user", "content": self._content(images, prompt)}],
             max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs, temperature=0.0)
+        names = ("first", "second") if len(images) == 2 else ("reference", "first", "second")
+        where = f"query {index} (" + ", ".join(f"{k}={v}" for k, v in zip(names, images)) + ")"
         try:
             top = [(t.token, t.logprob) for t in response.choices[0].logprobs.content[0].top_logprobs]
         except (AttributeError, IndexError, TypeError) as exc:
-            raise AnswerError(f"{self.judge_id}: query {index} (first={first}, second={second}): the answer has no "
+            raise AnswerError(f"{self.judge_id}: {where}: the answer has no "
                               "top log-probabilities; the server must support logprobs/top_logprobs.") from exc
         p = p_first_from_top_logprobs(top)
         if p is None:
             raise AnswerError(
-                f"{self.judge_id}: query {index} (first={first}, second={second}): neither answer letter "
+                f"{self.judge_id}: {where}: neither answer letter "
                 f"{ANSWER_LETTERS} is among the top {self.top_logprobs} log-probabilities "
                 f"({[t for t, _ in top]}); raise top_logprobs or fix the prompt so the model answers A or B.")
         return p
 
-    def p_first(self, pairs: Sequence[tuple[Any, Any]], prompt: str) -> np.ndarray:
+    def p_first(self, pairs: Sequence[tuple[Any, ...]], prompt: str) -> np.ndarray:
+        """P(first) per query: (first, second), or (reference, first, second) for a prompt naming
+        ``<image0>`` (the HFJudge contract)."""
         if not prompt or not prompt.strip():
             raise ValueError("judge prompt is empty: set judge.prompt in params.yaml.")
         if len(pairs) == 0:
             return np.zeros(0, dtype=np.float64)
+        n = prompt_image_count(prompt)
+        pairs = [tuple(q) for q in pairs]
+        for i, q in enumerate(pairs):
+            if len(q) != n:
+                raise ValueError(f"judge query {i} has {len(q)} images but the prompt shows {n} {slot_layout(n)}.")
         with ThreadPoolExecutor(min(self.workers, len(pairs))) as pool:
-            futures = [pool.submit(self._ask, i, a, b, prompt) for i, (a, b) in enumerate(pairs)]
+            futures = [pool.submit(self._ask, i, q, prompt) for i, q in enumerate(pairs)]
             return np.array([f.result() for f in futures], dtype=np.float64)

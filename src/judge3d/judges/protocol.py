@@ -2,7 +2,9 @@
 verdicts, and the aggregates.
 
 A backend is any object with ``judge_id: str`` and
-``p_first(pairs: list[tuple[image, image]], prompt: str) -> np.ndarray`` (P(first is better)).
+``p_first(pairs: list[tuple[image, image]], prompt: str) -> np.ndarray`` (P(first is better)); for a
+prompt naming the reference slot ``<image0>`` (:mod:`judge3d.judges.slots`) each query is a
+(reference, first, second) triple instead, and the swap protocol swaps only first and second.
 Answers go to the verdict log (:mod:`judge3d.judges.verdict_log`); every number below is computed
 from log rows alone, so ``verify`` can recompute it without a model.
 """
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from judge3d.core import stats
 from judge3d.core.io import JsonlAppender, dumps, file_sha256, iter_jsonl
+from judge3d.judges.slots import REFERENCE_SLOT, prompt_image_count
 from judge3d.judges.verdict_log import ORDERS, latest_by_key, prompt_sha256, query_key, verdict_of
 from judge3d.core.resume import AnswerCache
 
@@ -30,7 +33,7 @@ KAPPA_CATEGORIES = ("x", "y", "flip")
 class Backend(Protocol):
     judge_id: str
 
-    def p_first(self, pairs: list[tuple[Any, Any]], prompt: str) -> np.ndarray: ...
+    def p_first(self, pairs: list[tuple[Any, ...]], prompt: str) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Pair:
 
     ``x_oracle``/``y_oracle``: the ground-truth quality of each candidate (higher is better; the
     caller picks the metric), used for judge-oracle agreement; None where unknown.
+    ``reference``: the object's input image (a path), shown before both montages when the prompt
+    names ``<image0>`` (reference-aware judging); None for the default, reference-free prompt.
     """
     pair_id: str
     object_id: str
@@ -49,10 +54,12 @@ class Pair:
     x_oracle: float | None = None
     y_oracle: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None
 
 
 def queries_for(pair: Pair) -> list[tuple[str, str, str]]:
-    """The pair's two queries as (order, first, second): 'xy' shows x first, 'yx' shows y first."""
+    """The pair's two queries as (order, first, second): 'xy' shows x first, 'yx' shows y first.
+    The reference, if any, is the same in both orders (``pair.reference``)."""
     return [("xy", pair.x, pair.y), ("yx", pair.y, pair.x)]
 
 
@@ -72,15 +79,28 @@ def _image_hashes(pairs: Sequence[Pair]) -> dict[str, str]:
                 raise FileNotFoundError(
                     f"pair {pair.pair_id}: montage {path} not found; run the render stage for this mesh set first.")
             hashes[path] = file_sha256(path)
+        if pair.reference is not None and pair.reference not in hashes:
+            if not Path(pair.reference).is_file():
+                raise FileNotFoundError(f"pair {pair.pair_id}: reference image {pair.reference} not found; it is the "
+                                        "object's input image (the one its meshes were generated from).")
+            hashes[pair.reference] = file_sha256(pair.reference)
     return hashes
 
 
-def _check_pairs(pairs: Sequence[Pair]) -> None:
+def _check_pairs(pairs: Sequence[Pair], n_images: int = 2) -> None:
     seen: set[str] = set()
     for pair in pairs:
         if pair.pair_id in seen:
             raise ValueError(f"pair id {pair.pair_id!r} appears twice; pair ids must be unique within a run.")
         seen.add(pair.pair_id)
+        if n_images == 3 and pair.reference is None:
+            raise ValueError(f"pair {pair.pair_id}: the prompt shows a reference image ({REFERENCE_SLOT}) but the pair "
+                             "has none; give every Pair its object's input image as reference, or drop "
+                             f"{REFERENCE_SLOT} from the prompt for reference-free judging.")
+        if n_images == 2 and pair.reference is not None:
+            raise ValueError(f"pair {pair.pair_id}: the pair has a reference image ({pair.reference}) but the prompt "
+                             f"has no {REFERENCE_SLOT} slot to show it; name {REFERENCE_SLOT} in the prompt before "
+                             "<image1> for reference-aware judging, or leave Pair.reference None.")
         for name in ("x_oracle", "y_oracle"):
             v = getattr(pair, name)
             if v is not None and not math.isfinite(float(v)):
@@ -93,9 +113,14 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
 
     Both orders of a pair go in the same batch where the batch size allows. Each answered query is
     appended as one flushed row, so a kill loses at most the batch in flight. A logged answer is
-    reused only under the same key (pair id, order, judge id, prompt hash, both image hashes); if
-    its pair metadata changed, the row is re-stamped (appended again, same answer, no model call).
-    Rows are returned in pair order, 'xy' before 'yx'.
+    reused only under the same key (pair id, order, judge id, prompt hash, both image hashes, and
+    the reference's hash for a reference-aware prompt); if its pair metadata changed, the row is
+    re-stamped (appended again, same answer, no model call). Rows are returned in pair order, 'xy'
+    before 'yx'.
+
+    A prompt naming ``<image0>`` needs a ``reference`` on every pair (and a prompt without it on
+    none): the backend is then asked (reference, first, second) triples, and the rows add
+    ``reference`` and ``reference_sha256``.
 
     Answers also go to ``answer_cache`` (default: :class:`judge3d.core.resume.AnswerCache`), outside the
     stage's DVC outputs, batch by batch, so a stage killed under ``dvc repro`` (which deletes the log
@@ -107,7 +132,8 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
     judge_id = getattr(backend, "judge_id", None)
     if not isinstance(judge_id, str) or not judge_id:
         raise ValueError("backend.judge_id must be a non-empty string (model id + weights hash).")
-    _check_pairs(pairs)
+    n_images = prompt_image_count(prompt)
+    _check_pairs(pairs, n_images)
     hashes = _image_hashes(pairs)
     p_hash = prompt_sha256(prompt)
 
@@ -117,7 +143,12 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
             base = {"order": order, "first": Path(first).as_posix(), "second": Path(second).as_posix(),
                     "first_sha256": hashes[first], "second_sha256": hashes[second], "judge_id": judge_id,
                     "prompt_sha256": p_hash, **_pair_fields(pair)}
-            base["key"] = query_key(pair.pair_id, order, judge_id, p_hash, hashes[first], hashes[second])
+            ref_sha = None
+            if pair.reference is not None:
+                ref_sha = hashes[pair.reference]
+                base.update(reference=Path(pair.reference).as_posix(), reference_sha256=ref_sha)
+            base["key"] = query_key(pair.pair_id, order, judge_id, p_hash, hashes[first], hashes[second],
+                                    reference_sha=ref_sha)
             wanted.append((pair, json.loads(dumps(base))))  # JSON-normalized: returned rows equal logged rows
 
     log_path = Path(log_path)
@@ -146,8 +177,9 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
                     probs = np.array([cached[k] for k in keys], dtype=np.float64)
                     n_cached += len(batch)
                 else:
-                    probs = np.asarray(backend.p_first([(q["first"], q["second"]) for q in batch], prompt),
-                                       dtype=np.float64).reshape(-1)
+                    queries = [(q["first"], q["second"]) if n_images == 2 else (q["reference"], q["first"], q["second"])
+                               for q in batch]
+                    probs = np.asarray(backend.p_first(queries, prompt), dtype=np.float64).reshape(-1)
                     if probs.shape != (len(batch),):
                         raise ValueError(f"judge {judge_id} returned {probs.size} probabilities for {len(batch)} queries.")
                     for q, p in zip(batch, probs):

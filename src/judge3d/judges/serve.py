@@ -4,15 +4,17 @@
 with its ``revision`` (the sha256 of its safetensors, :func:`judge3d.judges.hf.weights_sha256`).
 ``judge3d serve MODEL_DIR`` runs it; :class:`judge3d.judges.openai_client.OpenAIJudge` is the client.
 
-The request convention (the client builds it from :func:`judge3d.judges.hf.prompt_content`):
-one user message whose content is text parts and exactly two ``image_url`` parts (``data:`` URLs,
-base64 PNG or JPEG), in the order the judge sees them: the first image is the one the prompt calls
-A (``<image1>``), the second B (``<image2>``). The server rebuilds the judge prompt from the parts:
-the text parts joined, with ``<image1>`` / ``<image2>`` put where the images stand; when both
-images come before any text, the prompt is the text alone (HFJudge's no-slot layout: images first,
-then the prompt). Either way the chat content handed to the model's template equals the one the
-in-process judge builds from the same prompt, so both paths see the same tokens. ``max_tokens``
-must be 1, ``logprobs`` true and ``top_logprobs`` >= 2.
+The request convention (the client builds it from :func:`judge3d.judges.slots.prompt_content`):
+one user message whose content is text parts and two ``image_url`` parts (``data:`` URLs, base64
+PNG or JPEG), in the order the judge sees them: the first image is the one the prompt calls A
+(``<image1>``), the second B (``<image2>``). A reference-aware query has three: the reference
+(``<image0>``, the input image), then A and B. The server rebuilds the judge prompt from the parts:
+the text parts joined, with the slots put where the images stand (``<image1>``, ``<image2>``; with
+three images ``<image0>``, ``<image1>``, ``<image2>``); when two images come before any text, the
+prompt is the text alone (HFJudge's no-slot layout: images first, then the prompt). Either way the
+chat content handed to the model's template equals the one the in-process judge builds from the
+same prompt, so both paths see the same tokens. ``max_tokens`` must be 1, ``logprobs`` true and
+``top_logprobs`` >= 2.
 
 The answer: one choice whose content is the more likely letter, and whose
 ``logprobs.content[0].top_logprobs`` holds exactly the two answer letters with
@@ -36,7 +38,8 @@ import threading
 import time
 from typing import Any
 
-from judge3d.judges.hf import ANSWER_LETTERS, IMAGE_SLOTS
+from judge3d.judges.hf import ANSWER_LETTERS
+from judge3d.judges.slots import ALL_SLOTS, IMAGE_SLOTS
 
 TOKEN_ENV = "JUDGE3D_SERVE_TOKEN"
 LOGPROB_FLOOR = -9999.0
@@ -124,7 +127,8 @@ def decode_image(url: Any, index: int, max_bytes: int, max_pixels: int):
 
 
 def parse_request(body: Any, max_bytes: int, max_pixels: int) -> tuple[str, list]:
-    """(judge prompt, [first image, second image]) from a chat-completions request body."""
+    """(judge prompt, images in slot order) from a chat-completions request body: [first, second], or
+    [reference, first, second] for a reference-aware query."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object (chat-completions shape).")
     if body.get("max_tokens", body.get("max_completion_tokens")) != 1:
@@ -153,15 +157,16 @@ def parse_request(body: Any, max_bytes: int, max_pixels: int) -> tuple[str, list
             raise RequestError(f"content part {i}: expected {{'type': 'text', 'text': ...}} or "
                                f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}.")
     n_images = sum(kind == "image" for kind, _ in pieces)
-    if n_images != 2:
-        raise RequestError(f"the judge compares exactly two images; the message has {n_images} image_url parts.")
+    if n_images not in (2, 3):
+        raise RequestError(f"the judge compares exactly two images (after a reference image, for a reference-aware "
+                           f"query: three in all); the message has {n_images} image_url parts.")
     images = [decode_image(url, n + 1, max_bytes, max_pixels)
               for n, url in enumerate(v for kind, v in pieces if kind == "image")]
     texts = [v for kind, v in pieces if kind == "text"]
-    if [kind for kind, _ in pieces[:2]] == ["image", "image"]:
+    if n_images == 2 and [kind for kind, _ in pieces[:2]] == ["image", "image"]:
         prompt = "".join(texts)  # HFJudge's no-slot layout: both images, then the prompt
     else:
-        slots = iter(IMAGE_SLOTS)
+        slots = iter(IMAGE_SLOTS if n_images == 2 else ALL_SLOTS)
         prompt = "".join(v if kind == "text" else next(slots) for kind, v in pieces)
     if not prompt.strip():
         raise RequestError("the message has no prompt text.")
@@ -203,8 +208,9 @@ def make_app(judge, *, model_id: str, revision: str, token: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > 3 * max_image_bytes + 65536:
-            return error(413, f"request body of {length} bytes is over the server's limit (two images of at most "
+        # three base64 images (a reference-aware query) of at most max_image_bytes each, plus the text
+        if length is not None and length.isdigit() and int(length) > 4 * max_image_bytes + 65536:
+            return error(413, f"request body of {length} bytes is over the server's limit (three images of at most "
                               f"{max_image_bytes} bytes each)", "request_too_large")
         try:
             body = await request.json()
@@ -218,7 +224,7 @@ def make_app(judge, *, model_id: str, revision: str, token: str | None = None,
 
             def ask():
                 with lock:
-                    return float(judge.p_first([(images[0], images[1])], prompt)[0])
+                    return float(judge.p_first([tuple(images)], prompt)[0])
 
             p = await run_in_threadpool(ask)
         except RequestError as exc:

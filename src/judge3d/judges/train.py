@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +31,7 @@ from judge3d.core.numerics import adamw
 from judge3d.core.resume import checkpoint_dir, drop_checkpoints
 from judge3d.core.seeding import rng, seed_everything
 from judge3d.core.stats import wilson_interval
+from judge3d.judges.slots import REFERENCE_SLOT, prompt_image_count
 
 
 class DegenerateJudgeError(RuntimeError):
@@ -102,15 +103,41 @@ def sample_batch(train_pairs: Sequence[dict], step: int, cfg: TrainConfig, name:
     return drawn, g.random(cfg.batch_size) < 0.5
 
 
-def _config_hash(arch: str, sizes: Any, cfg: TrainConfig, prompt: str, pairs: Sequence[dict]) -> str:
-    blob = json.dumps({"arch": arch, "sizes": asdict(sizes), "cfg": asdict(cfg), "prompt": prompt,
-                       "pairs": [(p["better"], p["worse"]) for p in pairs]}, sort_keys=True)
+def _config_hash(arch: str, sizes: Any, cfg: TrainConfig, prompt: str, pairs: Sequence[dict],
+                 references: Mapping[str, str] | None = None) -> str:
+    spec = {"arch": arch, "sizes": asdict(sizes), "cfg": asdict(cfg), "prompt": prompt,
+            "pairs": [(p["better"], p["worse"]) for p in pairs]}
+    if references is not None:  # only when given, so reference-free checkpoints keep their hash
+        spec["references"] = {oid: str(references[oid]) for oid in sorted({p["object_id"] for p in pairs})}
+    blob = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def check_references(prompt: str, references: Mapping[str, str] | None, object_ids, name: str) -> bool:
+    """Whether the judge is reference-aware (its prompt names ``<image0>``); raises ValueError if
+    ``references`` (object id -> input image) is missing there, lacks an object, or is given for a
+    reference-free prompt."""
+    aware = prompt_image_count(prompt) == 3
+    if aware and references is None:
+        raise ValueError(f"{name}: the judge prompt names the reference slot {REFERENCE_SLOT}; pass references "
+                         "(object id -> the object's input image) for every training and held-out object.")
+    if not aware and references is not None:
+        raise ValueError(f"{name}: references were given but the judge prompt has no {REFERENCE_SLOT} slot to show "
+                         f"them; add {REFERENCE_SLOT} before <image1> in the prompt, or pass references=None.")
+    if aware:
+        missing = sorted({str(o) for o in object_ids} - set(references))
+        if missing:
+            raise ValueError(f"{name}: no reference image for {len(missing)} object(s) {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''}; references must map every object id to its "
+                             "input image.")
+    return aware
+
+
 def evaluate_pairs(judge, pairs: Sequence[dict], prompt: str, prepared: dict[str, Any] | None = None,
-                   n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Swap-protocol aggregates per pair kind: x = the oracle-better montage, y = the worse one."""
+                   n_boot: int = 200, seed: int = 0, references: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Swap-protocol aggregates per pair kind: x = the oracle-better montage, y = the worse one.
+    ``references`` (object id -> input image) for a reference-aware prompt: each query shows the
+    pair's reference first."""
     from judge3d.judges import protocol
     from judge3d.judges.verdict_log import prompt_sha256
 
@@ -120,6 +147,8 @@ def evaluate_pairs(judge, pairs: Sequence[dict], prompt: str, prepared: dict[str
         if not chosen:
             continue
         queries = [(p["better"], p["worse"]) for p in chosen] + [(p["worse"], p["better"]) for p in chosen]
+        if references is not None:
+            queries = [(references[p["object_id"]], *q) for p, q in zip(chosen + chosen, queries)]
         probs = judge.p_first(queries, prompt)
         n = len(chosen)
         rows = []
@@ -167,12 +196,17 @@ def check_not_degenerate(metrics: dict[str, Any], cfg: TrainConfig, name: str) -
 
 def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir: str | Path, prompt: str,
                 cfg: TrainConfig, *, name: str, live=None, root: str | Path = ".", device: str = "cpu",
-                save: bool = True, extra_train_candidates: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                save: bool = True, extra_train_candidates: Sequence[dict[str, Any]] = (),
+                references: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Train (logging to dvclive ``live``), evaluate on held-out objects, refuse a degenerate judge,
     save the HF folder; return a summary. ``device`` other than the CPU, ``save=False`` and
     ``extra_train_candidates`` (candidates of other objects, used for training only, so the held-out
     objects and pairs stay those of ``candidates``) are for sweeps (benchmarks/judge_sweep.py): the
-    pipeline trains on the CPU, whose numerics are pinned."""
+    pipeline trains on the CPU, whose numerics are pinned.
+
+    ``references``: object id -> its input image (relative to ``root``, like the montage paths), for
+    a reference-aware judge (a prompt naming ``<image0>``): required then, for every object, and
+    forbidden otherwise. Every training, held-out and probe query then shows the reference first."""
     import torch
 
     from judge3d.core.training import Checkpointing, cosine_schedule, train
@@ -184,6 +218,8 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     t0 = time.time()
     out_dir = Path(out_dir)
     root = Path(root)
+    aware = check_references(prompt, references, [c["object_id"] for c in (*candidates, *extra_train_candidates)],
+                             name)
     seed_everything(cfg.seed)
     pairs = build_pairs(candidates, margin=cfg.margin, clear_gap=cfg.clear_gap,
                         max_pairs_per_object=cfg.max_pairs_per_object, seed=cfg.seed)
@@ -211,13 +247,15 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     target = {letter: ids[0] for letter, ids in judge.answer_ids.items()}  # the bare letter, as the template answers
 
     paths = sorted({p[k] for p in pairs for k in ("better", "worse")})
+    if aware:  # each object's input image, prepared once like the montages
+        paths = sorted(set(paths) | {references[p["object_id"]] for p in pairs})
     prepared = {}
     for path in tqdm(paths, desc=f"{name}: preprocess montages", unit="img", leave=False):
         prepared[path] = judge.arch.prepare(open_image(root / path))
 
     opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = cosine_schedule(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
-    config_hash = _config_hash(arch, sizes, cfg, prompt, train_pairs)
+    config_hash = _config_hash(arch, sizes, cfg, prompt, train_pairs, references if aware else None)
     # outside the DVC output, which DVC deletes before a rerun
     checkpoint = Checkpointing(checkpoint_dir(out_dir, config_hash), config_hash, cfg.checkpoint_every)
 
@@ -225,11 +263,15 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
         batch, better_first = sample_batch(train_pairs, step, cfg, name)
         index: dict[str, int] = {}
         for p in batch:
+            if aware:
+                index.setdefault(references[p["object_id"]], len(index))
             for k in ("better", "worse"):
                 index.setdefault(p[k], len(index))
         images = [prepared[path] for path in index]
         queries = [(index[p["better"]], index[p["worse"]]) if bf else (index[p["worse"]], index[p["better"]])
                    for p, bf in zip(batch, better_first)]
+        if aware:  # the reference first, then the two montages in the drawn order
+            queries = [(index[references[p["object_id"]]], *q) for p, q in zip(batch, queries)]
         # index 0 = "A" (the first image is better), 1 = "B"
         logits = judge.query_logits(images, queries, prompt)
         labels = torch.from_numpy((~better_first).astype(np.int64)).to(logits.device)
@@ -248,11 +290,15 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
 
     model.eval()
     # eval goes through p_first, exactly as the judging stages will call the saved judge
-    metrics = evaluate_pairs(judge, [_abs(p, root) for p in eval_pairs], prompt, seed=cfg.seed)
+    abs_refs = {oid: str(root / path) for oid, path in references.items()} if aware else None
+    metrics = evaluate_pairs(judge, [_abs(p, root) for p in eval_pairs], prompt, seed=cfg.seed, references=abs_refs)
     if not save:
-        return {"name": name, "arch": arch, "n_params": sum(p.numel() for p in model.parameters()),
-                "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "heldout": metrics,
-                "train_wall_s": round(train_s, 1)}
+        out = {"name": name, "arch": arch, "n_params": sum(p.numel() for p in model.parameters()),
+               "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "heldout": metrics,
+               "train_wall_s": round(train_s, 1)}
+        if aware:
+            out["reference_aware"] = True
+        return out
     check_not_degenerate(metrics, cfg, name)
 
     summary = {"name": name, "arch": arch, "sizes": asdict(sizes), "training": asdict(cfg),
@@ -260,6 +306,8 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
                "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs),
                "train_objects": len(train_objects), "heldout_objects": held_objects,
                "heldout": metrics}
+    if aware:  # only then, so a reference-free judge's folder and summary stay byte-identical
+        summary["reference_aware"] = True
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -269,6 +317,8 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
     # the saved folder must judge exactly as the in-memory model did
     reloaded = HFJudge.load(tmp, name=name)
     probe = [(root / p["better"], root / p["worse"]) for p in eval_pairs[:4]]
+    if aware:
+        probe = [(root / references[p["object_id"]], *q) for p, q in zip(eval_pairs[:4], probe)]
     if probe and not np.allclose(reloaded.p_first(probe, prompt), judge.p_first(probe, prompt), atol=1e-5):
         raise RuntimeError(f"{name}: the saved judge does not reproduce the trained one; not saved.")
     if out_dir.exists():

@@ -3,11 +3,14 @@
 The log is the source of truth: aggregates, the report and ``verify`` are computed from its rows
 (plus the pair metadata stored in them). A row is reused on a rerun only under the same key, the
 hash of everything that determines the answer: pair id, order, judge id, prompt hash and the
-sha256 of both images. Later rows for a key supersede earlier ones (append-only log).
+sha256 of both images (and of the reference image, for a reference-aware prompt). Later rows for
+a key supersede earlier ones (append-only log).
 
 Row fields: key, pair_id, object_id, order ('xy'|'yx'), first, second (image paths),
 first_sha256, second_sha256, judge_id, prompt_sha256, p_first, verdict ('first'|'second'|'tie'),
-x_candidate, y_candidate, x_oracle, y_oracle (None when unknown), meta (free dict).
+x_candidate, y_candidate, x_oracle, y_oracle (None when unknown), meta (free dict). Rows of a
+reference-aware prompt (one naming ``<image0>``) add reference (the input image's path) and
+reference_sha256; reference-free rows have neither.
 """
 from __future__ import annotations
 
@@ -31,10 +34,16 @@ def prompt_sha256(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
-def query_key(pair_id: str, order: str, judge_id: str, prompt_hash: str, first_sha: str, second_sha: str) -> str:
+def query_key(pair_id: str, order: str, judge_id: str, prompt_hash: str, first_sha: str, second_sha: str,
+              *, reference_sha: str | None = None) -> str:
+    """The hash identifying one query; ``reference_sha`` (the reference image's sha256) only for a
+    reference-aware query, so reference-free keys are those of logs written before it existed."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
-    text = "\x1f".join([str(pair_id), order, judge_id, prompt_hash, first_sha, second_sha])
+    parts = [str(pair_id), order, judge_id, prompt_hash, first_sha, second_sha]
+    if reference_sha is not None:
+        parts.append("reference:" + reference_sha)
+    text = "\x1f".join(parts)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -52,7 +61,7 @@ def verdict_of(p_first: float) -> str:
 def row_key(row: dict[str, Any]) -> str:
     """The key recomputed from a row's own fields (verify uses it to catch edited rows)."""
     return query_key(row["pair_id"], row["order"], row["judge_id"], row["prompt_sha256"],
-                     row["first_sha256"], row["second_sha256"])
+                     row["first_sha256"], row["second_sha256"], reference_sha=row.get("reference_sha256"))
 
 
 def check_row(row: dict[str, Any], *, check_images: bool = False, root: str | Path = ".") -> list[str]:
@@ -74,8 +83,11 @@ def check_row(row: dict[str, Any], *, check_images: bool = False, root: str | Pa
             problems.append(f"verdict {row['verdict']!r} does not follow from p_first={row['p_first']!r} ({expected!r})")
     except ValueError as exc:
         problems.append(str(exc))
+    if ("reference" in row) != ("reference_sha256" in row):
+        problems.append("reference and reference_sha256 must appear together (a reference-aware row has both)")
     if check_images:
-        for side in ("first", "second"):
+        has_reference = "reference" in row and "reference_sha256" in row
+        for side in ("first", "second", "reference") if has_reference else ("first", "second"):
             path = Path(root) / row[side]
             if not path.is_file():
                 problems.append(f"{side} image {row[side]} is missing (dvc pull)")

@@ -15,6 +15,7 @@ from judge3d.pipeline.mesh_sets import Job, generate_set, load_budgets
 from judge3d.core.io import read_jsonl, write_jsonl
 from judge3d.judges.pairing import FLAGGED_LOG, partition_flagged
 from judge3d.judges.protocol import Pair, run_pairs
+from judge3d.judges.references import input_images, is_reference_aware, judge_prompt, with_references
 
 VERDICTS = "verdicts.jsonl"
 MANIFEST = "manifest.jsonl"
@@ -94,11 +95,14 @@ def evaluate_arm(arm: str, *, generator, cond_transform, judge, params: Mapping[
     arm_rows = render_manifest(out_dir / "meshes" / MANIFEST, out_dir / "montages", params)
     # The arm's manifest is the rendered rows (meshes + montages + oracle scores), at the top level.
     write_jsonl(out_dir / MANIFEST, arm_rows)
-    prompt = require(params, "judge.prompt", str, check=lambda v: bool(v.strip()))
+    prompt = judge_prompt(params, "eval")
     # A pair with a blank or clipped montage (arm's or base's) is not judged; it is recorded in
     # flagged.jsonl, which arm-metrics counts as n_flagged (written first, so a kill keeps it).
     pairs, flagged = partition_flagged(arm_pairs(arm, arm_rows, reference), arm_rows, reference)
     write_jsonl(out_dir / FLAGGED_LOG, flagged)
-    return run_pairs(judge, pairs, out_dir / VERDICTS, prompt,
+    # the reference-aware ablation: each pair also shows the object's clean input image (not the
+    # regime's degraded one: the judge must be able to tell an output of another object)
+    input_refs = input_images(world_manifest) if is_reference_aware(params, "eval") else None
+    return run_pairs(judge, with_references(pairs, input_refs), out_dir / VERDICTS, prompt,
                      require(params, "arm_eval.batch_size", int, check=lambda v: v >= 1),
                      show_progress=show_progress)

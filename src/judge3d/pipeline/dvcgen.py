@@ -184,7 +184,7 @@ def write_missing_code_deps(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list
 # fixed number of slots (`${item.params[i]}`), padded by repeating one of them (DVC accepts duplicates).
 ARM_STAGES = ("train-adapter", "judge-eval", "arm-metrics")
 JUDGE_EVAL_PARAMS = ("seed", "base.device", "sampler", "geometry", "render", "judge", "judges.eval.model",
-                     "arm_eval", "generate.batch_size")
+                     "judges.eval.reference", "arm_eval", "generate.batch_size")
 EVAL_JUDGE_DIR = "models/judges/eval"
 ARM_METRICS_PARAMS = ("report.bar", "report.n_boot", "report.seed", "report.keys")
 REPORT_STAGE = "report"
@@ -236,7 +236,8 @@ def arm_stage_bodies(params: dict[str, Any], inputs: Any = None, repo: str | Pat
         "judge-eval": {
             "foreach": {s.arm: {"regime": s.regime, "params": eval_keys[s.arm]} for s in specs},
             "do": {"cmd": "python stages/judge_eval.py --arm ${key}",
-                   "deps": [*code_deps("stages/judge_eval.py", repo), inputs.base,
+                   # the world: the objects' meshes (oracle) and input images (a reference-aware judge's)
+                   "deps": [*code_deps("stages/judge_eval.py", repo), inputs.base, world_dir,
                             at.model_dir.as_posix(), EVAL_JUDGE_DIR, at.base_montages.parent.as_posix()],
                    "params": [*JUDGE_EVAL_PARAMS, *_refs("params", n_eval)],
                    "outs": [at.eval_dir.as_posix()]}},

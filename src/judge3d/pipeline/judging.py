@@ -18,6 +18,7 @@ from judge3d.world.degrade import require_severities
 from judge3d.judges.pairing import (FLAGGED_LOG, base_vs_base_pairs, clear_gap_pairs, headroom_pairs, iid_pairs,
                                     kept_pairs, partition_flagged, train_label_pairs)
 from judge3d.judges.protocol import Backend, pair_verdicts, run_pairs
+from judge3d.judges.references import with_references
 from judge3d.report.confidence import COVERAGE_CSV, RELIABILITY_CSV
 from judge3d.report.judge_metrics import (calibration_metrics, confidence_csv_rows, flip_vs_gap_csv_rows,
                                           labels_metrics)
@@ -122,10 +123,14 @@ def write_calibration_plots(plots_dir: str | Path, metrics: Mapping[str, Any]) -
 
 def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: str | Path, out_dir: str | Path,
                   metrics_path: str | Path, plots_dir: str | Path, params: Mapping[str, Any], prompt: str,
-                  show_progress: bool = True) -> dict[str, Any]:
+                  show_progress: bool = True, *, eval_prompt: str | None = None,
+                  eval_references: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Both judges on every control (clear-gap, headroom per severity, base-vs-base): the eval judge's
     verdicts are the controls; the training judge's give kappa between the two and its own
-    reliability. Logs: <out_dir>/eval_<control>.jsonl and train_<control>.jsonl."""
+    reliability. Logs: <out_dir>/eval_<control>.jsonl and train_<control>.jsonl.
+
+    ``prompt`` is both judges' unless ``eval_prompt`` is given: a reference-aware eval judge is asked
+    with ``eval_prompt`` and each object's reference image (``eval_references``, object id -> image)."""
     out_dir = Path(out_dir)
     severities = require_severities(params, "calibrate.severities")
     bs = batch_size(params, "calibrate")
@@ -133,8 +138,8 @@ def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: s
     pairs = calibration_pairs(montages_dir, severities, flagged)
     # Written before judging: the metrics (and verify) count the set-aside pairs from this file.
     write_jsonl(out_dir / FLAGGED_LOG, flagged)
-    eval_rows = {name: run_pairs(eval_backend, control_pairs, out_dir / f"eval_{name}.jsonl", prompt, bs,
-                                 show_progress=show_progress)
+    eval_rows = {name: run_pairs(eval_backend, with_references(control_pairs, eval_references),
+                                 out_dir / f"eval_{name}.jsonl", eval_prompt or prompt, bs, show_progress=show_progress)
                  for name, control_pairs in pairs.items()}
     train_rows = {name: run_pairs(train_backend, control_pairs, out_dir / f"train_{name}.jsonl", prompt, bs,
                                   show_progress=show_progress)

@@ -161,7 +161,8 @@ def _calibration_rule(root: Path, params: dict, found: dict) -> Any:
 
     return calibration_metrics_from_dir(root / CALIBRATION_DIR, params, eval_judge_id=found.get("eval_judge_id"),
                                         train_judge_id=found.get("train_judge_id"),
-                                        prompt_hash=found.get("prompt_sha256"))
+                                        prompt_hash=found.get("prompt_sha256"),
+                                        train_prompt_hash=found.get("train_prompt_sha256"))
 
 
 def _calibration_plot_rule(recomputed_calibration: dict[str, Any]) -> dict[str, str]:

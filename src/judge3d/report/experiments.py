@@ -1,4 +1,5 @@
-"""Sweep tables from DVC experiments: the DPO β sweep and the spread over training seeds.
+"""Sweep tables from DVC experiments: the DPO β sweep, the spread over training seeds and the
+reference-aware judge ablation.
 
 ``dvc exp show --json`` (DVC 3.x) prints a list of rows. The first is ``{"rev": "workspace", "name": null,
 "data": {...}, "error": null, "experiments": null}``; each baseline commit follows as ``{"rev": <sha>, "name":
@@ -528,6 +529,28 @@ def seed_columns(params: Mapping[str, Any]) -> list[Column]:
     return cols
 
 
+def reference_columns(params: Mapping[str, Any]) -> list[Column]:
+    """The reference-aware eval judge beside the reference-free one: the calibration controls, the
+    judge's position answering, and every arm's judge win next to its oracle win."""
+    severities = params.get("calibrate.severities") or []
+    cols = [
+        Column("eval judge sees the input image", PARAMS, "judges.eval.reference"),
+        Column("clear-gap strict", CALIBRATION, "clear_gap.strict", ci="clear_gap.strict_wilson_ci"),
+        Column("base-vs-base decisive", CALIBRATION, "base_vs_base.decisive", ci="base_vs_base.decisive_ci"),
+        *(Column(f"headroom {sev} strict", CALIBRATION, f"headroom.{sev}.strict", ci=f"headroom.{sev}.strict_wilson_ci")
+          for sev in severities),
+        Column("judge–oracle agreement", CALIBRATION, "judge_oracle_agreement", ci="judge_oracle_agreement_ci"),
+        # trap 1 of the study: position answering when shown many images
+        Column("prefer-first rate", CALIBRATION, "eval_judge_all_pairs.prefer_first_rate",
+               ci="eval_judge_all_pairs.prefer_first_rate_ci"),
+        Column("flip rate", CALIBRATION, "eval_judge_all_pairs.flip_rate", ci="eval_judge_all_pairs.flip_rate_ci"),
+    ]
+    for arm in _listed(params, "arms"):
+        cols += [Column(f"{arm} judge strict win", arm_metrics(arm), "strict", ci="strict_wilson_ci"),
+                 Column(f"{arm} oracle win", arm_metrics(arm), "oracle_win.rate", ci="oracle_win.rate_ci")]
+    return cols
+
+
 @dataclass(frozen=True)
 class Sweep:
     param: str
@@ -539,6 +562,8 @@ class Sweep:
 SWEEPS: dict[str, Sweep] = {
     "beta": Sweep("method.beta", beta_columns, sweep_table, "DPO β sweep"),
     "seeds": Sweep("train_seed", seed_columns, spread_table, "Spread over training seeds"),
+    "reference": Sweep("judges.eval.reference", reference_columns, sweep_table,
+                       "Reference-aware eval judge (ablation) beside the reference-free one"),
 }
 
 

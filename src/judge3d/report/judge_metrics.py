@@ -257,7 +257,10 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]],
     eval_judge, prompt_hash = _one_judge(all_rows, "eval-judge calibration logs")
     all_train_rows = [r for name in sorted(train_rows) for r in train_rows[name]]
     train_judge, train_prompt = _one_judge(all_train_rows, "training-judge calibration logs")
-    if train_prompt != prompt_hash:
+    # A reference-aware eval judge (the ablation) is asked with its own prompt by design; otherwise
+    # the two judges must have read the same words, or kappa would compare apples and pears.
+    reference_aware = any(r.get("reference") for r in all_rows)
+    if train_prompt != prompt_hash and not reference_aware:
         raise ValueError("calibration: the two judges were asked with different prompts; kappa would compare apples and pears.")
 
     records = {name: pair_verdicts(rows) for name, rows in eval_rows.items()}
@@ -288,6 +291,7 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]],
     gap_table["correlation"] = flip_gap_correlation(all_records, n_boot, seed)
     return {
         "eval_judge_id": eval_judge, "train_judge_id": train_judge, "prompt_sha256": prompt_hash,
+        "train_prompt_sha256": train_prompt, "eval_reference_aware": reference_aware,
         "thresholds": thr, "clear_gap": clear, "base_vs_base": bvb, "headroom": headroom,
         "judge_oracle_agreement": pooled["judge_oracle_agreement"],
         "judge_oracle_agreement_ci": pooled["judge_oracle_agreement_ci"], "n_oracle": pooled["n_oracle"],
@@ -306,7 +310,8 @@ def calibration_metrics(eval_rows: Mapping[str, Sequence[dict[str, Any]]],
 
 
 def calibration_metrics_from_dir(log_dir: str | Path, params: Mapping[str, Any], *, eval_judge_id: str | None = None,
-                                 train_judge_id: str | None = None, prompt_hash: str | None = None) -> dict[str, Any]:
+                                 train_judge_id: str | None = None, prompt_hash: str | None = None,
+                                 train_prompt_hash: str | None = None) -> dict[str, Any]:
     """calibration_metrics on data/calibration/{eval,train}_<control>.jsonl (verify's entry point)."""
 
     log_dir = Path(log_dir)
@@ -324,7 +329,8 @@ def calibration_metrics_from_dir(log_dir: str | Path, params: Mapping[str, Any],
 
     eval_rows = {name: rows_of(log_dir / f"eval_{name}.jsonl", name, judge_id=eval_judge_id, prompt_hash=prompt_hash)
                  for name in control_names(severities)}
-    train_rows = {name: rows_of(log_dir / f"train_{name}.jsonl", name, judge_id=train_judge_id, prompt_hash=prompt_hash)
+    train_rows = {name: rows_of(log_dir / f"train_{name}.jsonl", name, judge_id=train_judge_id,
+                                prompt_hash=train_prompt_hash or prompt_hash)
                   for name in control_names(severities)}
     return calibration_metrics(eval_rows, train_rows, params, flagged=flagged)
 
