@@ -39,11 +39,11 @@ browser:
 
 # dev: the test tools; trellis-cpu: spconv's CPU build and the small packages TRELLIS's model code
 # imports, so the TRELLIS backend tests run on a CPU-only machine (they skip without TRELLIS source);
-# serve: `judge3d serve` and the OpenAI-compatible judge client.
+# serve: `judge3d serve` and the OpenAI-compatible judge client; ray: the Ray executor.
 $(STAMP):
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,trellis-cpu,serve]'
+	$(PY) -m pip install -q -e '.[dev,trellis-cpu,serve,ray]'
 	@touch $(STAMP)
 
 repro: setup

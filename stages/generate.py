@@ -8,9 +8,9 @@ import argparse
 import torch
 
 from judge3d.core.config import load_params, require
-from judge3d.generators import load_generator
 from judge3d.generators.base import params_device
 from judge3d.pipeline.mesh_sets import generate_set, plan_set
+from judge3d.pipeline.generator_replica import GeneratorReplica
 from judge3d.core.io import read_jsonl
 
 
@@ -24,10 +24,12 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="generator device (default: params base.device)")
     args = ap.parse_args()
     params = load_params()
-    torch.set_num_threads(require(params, "generate.threads", int, check=lambda v: v > 0))
+    threads = require(params, "generate.threads", int, check=lambda v: v > 0)
+    torch.set_num_threads(threads)
     batch = require(params, "generate.batch_size", int, check=lambda v: v > 0)
     jobs = plan_set(params, args.set, read_jsonl(args.world), args.degraded_dir)
-    gen = load_generator(args.model, device=args.device or params_device(params))
+    # Loaded here, or on Ray replicas with JUDGE3D_EXECUTOR=ray (same rows and files).
+    gen = GeneratorReplica(args.model, args.device or params_device(params), threads, require(params, "seed", int))
     generate_set(gen, jobs, f"{args.out_root}/{args.set}", params, batch_size=batch, set_name=args.set)
 
 

@@ -26,25 +26,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from judge3d.adapt import apply_arm
     from judge3d.adapt.arms import arm_spec, check_dvc_params
-    from judge3d.pipeline.arm_eval import evaluate_arm
+    from judge3d.pipeline.arm_eval import ArmOnGenerator, evaluate_arm
     from judge3d.core.config import load_params, require
-    from judge3d.generators import load_generator
     from judge3d.generators.base import params_device
     from judge3d.judges.protocol import summarize
     from judge3d.pipeline.judging import load_judge
+    from judge3d.pipeline.generator_replica import GeneratorReplica
     from judge3d.core.seeding import seed_everything
 
     params = load_params()
     spec = arm_spec(params, args.arm)
     check_dvc_params(spec, stage="judge-eval", keys=spec.regime_keys)
-    seed_everything(require(params, "seed", int))
-    torch.set_num_threads(require(params, "generate.threads", int, check=lambda v: v > 0))
-    generator = load_generator(args.base_model, device=args.device or params_device(params))
-    cond_transform = apply_arm(generator, f"{args.arms_dir}/{args.arm}")
+    seed = require(params, "seed", int)
+    seed_everything(seed)
+    threads = require(params, "generate.threads", int, check=lambda v: v > 0)
+    torch.set_num_threads(threads)
+    # The base generator with the arm on it: loaded here, or on Ray replicas with JUDGE3D_EXECUTOR=ray.
+    generator = GeneratorReplica(args.base_model, args.device or params_device(params), threads, seed,
+                                 arm=ArmOnGenerator(f"{args.arms_dir}/{args.arm}"))
     regime = spec.regime
-    rows = evaluate_arm(args.arm, generator=generator, cond_transform=cond_transform,
+    rows = evaluate_arm(args.arm, generator=generator,
                         judge=load_judge(params, "eval"), params=params,
                         base_montage_manifest=f"{args.montages_dir}/heldout_{regime}/manifest.jsonl",
                         world_manifest=args.world, out_dir=f"{args.out_root}/{args.arm}",

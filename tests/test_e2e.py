@@ -11,6 +11,7 @@ PATH or sets PYTHONPATH: `make` does it for its targets, and every direct `dvc` 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -215,6 +216,15 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     _sh("dvc repro -f -s pretrain-base train-adapter@dpo", first)
     assert "Data and pipelines are up to date" in _sh("dvc status", first), \
         "a forced rerun changed an output: the pipeline is not deterministic on the CPU"
+
+    # The Ray executor (a local Ray, 2 CPU replicas) reruns a generate stage and an arm's judge-eval
+    # (the arm's generation and its judging) byte for byte: every output hash in dvc.lock is unchanged.
+    if importlib.util.find_spec("ray") is not None:
+        lock = (first / "dvc.lock").read_bytes()
+        out = _sh("JUDGE3D_EXECUTOR=ray JUDGE3D_RAY_ACTORS=2 dvc repro -f -s generate@heldout_mild "
+                  "judge-eval@repair_severe", first)
+        assert out.count("ray: ") >= 3, out[-3000:]  # generation twice, judging once, each on 2 replicas
+        assert (first / "dvc.lock").read_bytes() == lock, "an output differs between the Ray and the in-process run"
 
     # SIGKILL a judging stage once some verdicts are logged; the rerun asks only what was not answered.
     log = first / "data" / "evals" / "dpo" / "verdicts.jsonl"

@@ -520,6 +520,19 @@ def check_judge_files(folder: str | Path, model: str) -> None:
                              "the folder is incomplete: " + hint)
 
 
+def format_judge_id(name: str, weights_hash: str) -> str:
+    """A judge's id in the verdict log: its name and the first 12 hex digits of its weights' hash."""
+    return f"{name}@{weights_hash[:12]}"
+
+
+def identify_judge(model: str | Path, name: str | None = None) -> str:
+    """The ``judge_id`` that :meth:`HFJudge.load` would give ``model``, from its files alone (no model
+    is built): a driver that sends the work to replicas logs the same id."""
+    _, folder = _resolve_source(model)
+    check_judge_files(folder, str(model))
+    return format_judge_id(name or Path(str(model)).as_posix(), weights_sha256(folder))
+
+
 class HFJudge:
     """A transformers VLM as a pairwise judge: ``p_first(pairs, prompt)`` -> P(first image is better)."""
 
@@ -553,7 +566,7 @@ class HFJudge:
         self.prep_workers = int(prep_workers)
         self.model_type = model_type
         self.batch_size = int(batch_size)
-        self.judge_id = f"{name}@{weights_hash[:12]}"
+        self.judge_id = format_judge_id(name, weights_hash)
         self.weights_hash = weights_hash
         if getattr(processor, "chat_template", None) is None:
             raise JudgeLoadError(f"{name}: the processor has no chat template (chat_template.jinja / "

@@ -2,7 +2,9 @@
 verdicts, and the aggregates.
 
 A backend is any object with ``judge_id: str`` and
-``p_first(pairs: list[tuple[image, image]], prompt: str) -> np.ndarray`` (P(first is better)); for a
+``p_first(pairs: list[tuple[image, image]], prompt: str) -> np.ndarray`` (P(first is better)), and
+optionally ``p_first_stream(batches, prompt, labels=...)`` answering many batches in order (replicas
+on Ray: :class:`judge3d.pipeline.judge_replica.RayJudge`); for a
 prompt naming the reference slot ``<image0>`` (:mod:`judge3d.judges.slots`) each query is a
 (reference, first, second) triple instead, and the swap protocol swaps only first and second.
 Answers go to the verdict log (:mod:`judge3d.judges.verdict_log`); every number below is computed
@@ -14,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -168,18 +170,22 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
 
         cache = answer_cache if answer_cache is not None else AnswerCache()
         batches = list(_batches_keeping_pairs(todo, batch_size))
+        cached_answers = [cache.get([q["key"] for q in batch]) for batch in batches]
+        # Only the batches with no answer yet go to the model, all at once, so a backend that spreads
+        # them over replicas (Ray) gets the whole list; answers come back in this order.
+        to_ask = [batch for batch, cached in zip(batches, cached_answers) if cached is None]
+        answers = answer_stream(backend, [[_query_images(q, n_images) for q in batch] for batch in to_ask], prompt,
+                                [f"pair {batch[0]['pair_id']} order {batch[0]['order']} (+{len(batch) - 1} queries)"
+                                 for batch in to_ask])
         n_cached = n_asked = 0
         with tqdm(total=len(todo), desc=f"judge {judge_id}", unit="query", disable=not show_progress) as bar:
-            for batch in batches:
+            for batch, cached in zip(batches, cached_answers):
                 keys = [q["key"] for q in batch]
-                cached = cache.get(keys)
                 if cached is not None:
                     probs = np.array([cached[k] for k in keys], dtype=np.float64)
                     n_cached += len(batch)
                 else:
-                    queries = [(q["first"], q["second"]) if n_images == 2 else (q["reference"], q["first"], q["second"])
-                               for q in batch]
-                    probs = np.asarray(backend.p_first(queries, prompt), dtype=np.float64).reshape(-1)
+                    probs = np.asarray(next(answers), dtype=np.float64).reshape(-1)
                     if probs.shape != (len(batch),):
                         raise ValueError(f"judge {judge_id} returned {probs.size} probabilities for {len(batch)} queries.")
                     for q, p in zip(batch, probs):
@@ -197,6 +203,20 @@ def run_pairs(backend: Backend, pairs: Sequence[Pair], log_path: str | Path, pro
     print(f"judge {judge_id[:40]}: {len(wanted)} queries: {len(wanted) - len(todo)} already logged, "
           f"{n_cached} from the resume cache, {n_asked} asked the model")
     return [answered[base["key"]] for _, base in wanted]
+
+
+def _query_images(query: dict[str, Any], n_images: int) -> tuple[str, ...]:
+    return (query["first"], query["second"]) if n_images == 2 else (query["reference"], query["first"], query["second"])
+
+
+def answer_stream(backend: Backend, batches: list[list[tuple[Any, ...]]], prompt: str,
+                  labels: list[str]) -> Iterator[np.ndarray]:
+    """The backend's P(first) for each batch, in order, lazily: through ``backend.p_first_stream``
+    where the backend has one (replicas answer many batches at once), else one ``p_first`` a batch."""
+    stream = getattr(backend, "p_first_stream", None)
+    if stream is not None:
+        return iter(stream(batches, prompt, labels=labels))
+    return (backend.p_first(queries, prompt) for queries in batches)
 
 
 def _batches_keeping_pairs(queries: list[dict[str, Any]], batch_size: int) -> Iterable[list[dict[str, Any]]]:

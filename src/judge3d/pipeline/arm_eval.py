@@ -6,8 +6,9 @@ budget and noise seeds, so the only difference between x (arm) and y (base) is t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from judge3d.adapt.arms import arm_spec
 from judge3d.core.config import ParamsError, require
@@ -19,6 +20,22 @@ from judge3d.judges.references import input_images, is_reference_aware, judge_pr
 
 VERDICTS = "verdicts.jsonl"
 MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class ArmOnGenerator:
+    """Puts the arm saved in ``arm_dir`` onto a loaded generator (:func:`judge3d.adapt.apply_arm`) and
+    returns its conditioning transform: the ``arm`` of a
+    :class:`~judge3d.pipeline.generator_replica.GeneratorReplica`, so a Ray replica can load it too."""
+    arm_dir: str
+
+    def __call__(self, generator) -> Callable:
+        from judge3d.adapt import apply_arm
+
+        return apply_arm(generator, self.arm_dir)
+
+    def __str__(self) -> str:
+        return f"arm {self.arm_dir}"
 
 
 def arm_regime(params: Mapping[str, Any], arm: str) -> str:
@@ -70,11 +87,13 @@ def arm_pairs(arm: str, arm_rows: list[dict[str, Any]], reference: list[dict[str
     return pairs
 
 
-def evaluate_arm(arm: str, *, generator, cond_transform, judge, params: Mapping[str, Any],
+def evaluate_arm(arm: str, *, generator, judge, params: Mapping[str, Any],
                  base_montage_manifest: str | Path, world_manifest: str | Path, out_dir: str | Path,
-                 show_progress: bool = True) -> list[dict[str, Any]]:
+                 show_progress: bool = True, cond_transform=None) -> list[dict[str, Any]]:
     """Generate, render and judge one arm; writes ``out_dir/{manifest.jsonl, verdicts.jsonl, meshes/, montages/}``.
 
+    ``generator`` is a :class:`~judge3d.pipeline.generator_replica.GeneratorReplica` with the arm's folder as its
+    ``arm_dir`` (or a loaded generator with the arm already on it and ``cond_transform``).
     Each step resumes: generation through its partial manifest, rendering through its progress
     file, judging through the verdict log (logged queries are not asked again).
     """

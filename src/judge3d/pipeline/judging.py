@@ -152,8 +152,11 @@ def run_calibrate(eval_backend: Backend, train_backend: Backend, montages_dir: s
 
 def load_judge(params: Mapping[str, Any], role: str, model: str | None = None):
     """The judge of ``role`` ('train' | 'eval'): in-process (hf, with dtype/device/attention/batch from
-    params ``judge.*``), or, where ``judge.servers.<role>`` names an OpenAI-compatible server, a client of
-    the model it serves as ``judges.<role>.model`` (concurrency and retries from ``judge.client``)."""
+    params ``judge.*``); with ``JUDGE3D_EXECUTOR=ray``, the same judge on Ray replicas, one per GPU
+    (:class:`judge3d.pipeline.judge_replica.RayJudge`: same answers); or, where ``judge.servers.<role>`` names
+    an OpenAI-compatible server, a client of the model it serves as ``judges.<role>.model``
+    (concurrency and retries from ``judge.client``; the server does its own scaling, so the executor
+    does not apply)."""
     server = require(params, f"judge.servers.{role}", (str, type(None)), check=lambda v: v is None or bool(v.strip()),
                      hint="the server's base URL, e.g. http://127.0.0.1:8000/v1, or null to load the judge in-process")
     if server is not None:
@@ -165,10 +168,9 @@ def load_judge(params: Mapping[str, Any], role: str, model: str | None = None):
                            max_retries=get("max_retries", int, lambda v: v >= 0),
                            timeout=get("timeout_s", float, lambda v: v > 0),
                            top_logprobs=get("top_logprobs", int, lambda v: v >= 2))
-    from judge3d.judges.hf import HFJudge
+    from judge3d.core.ray_executor import use_ray
+    from judge3d.pipeline.judge_replica import RayJudge, load_hf_judge
 
-    return HFJudge.load(
-        model or require(params, f"judges.{role}.model", str),
-        dtype=require(params, "judge.dtype", str), device=require(params, "judge.device", str),
-        attn_implementation=require(params, "judge.attn_implementation", str),
-        batch_size=require(params, "judge.batch_size", int, check=lambda v: v >= 1))
+    if use_ray():
+        return RayJudge.for_role(params, role, model)
+    return load_hf_judge(params, role, model)

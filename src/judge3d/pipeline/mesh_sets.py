@@ -25,6 +25,7 @@ from judge3d.world.dataset import load_image
 from judge3d.world.degrade import REGIMES
 from judge3d.core.io import JsonlAppender, read_jsonl, write_jsonl
 from judge3d.core.seeding import derive_seed
+from judge3d.pipeline.generator_replica import GeneratorReplica
 
 
 STAGE_SAMPLER_KEYS = ("steps", "cfg_strength", "cfg_interval", "rescale_t")
@@ -172,46 +173,58 @@ def _batches(jobs: list[Job], size: int) -> Iterable[list[Job]]:
             yield group[i:i + size]
 
 
-def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: dict[str, Any], *,
+def generate_set(gen: Generator | GeneratorReplica, jobs: list[Job], out_dir: str | Path, params: dict[str, Any], *,
                  batch_size: int = 32, cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  set_name: str = "", extra: dict[str, Any] | None = None,
                  workers: int | None = None) -> list[dict[str, Any]]:
     """Sample, decode, save and score every job; resumable through ``<out_dir>/.partial.jsonl``.
 
-    ``cond_transform`` maps conditioning tokens before sampling (the repair arms); the generator
-    only ever sees the input image, never the ground truth. Oracle metrics are computed after
-    decoding, from the ground-truth files. Saving and scoring run in ``workers`` processes
+    ``gen`` is a loaded generator or a :class:`~judge3d.pipeline.generator_replica.GeneratorReplica` (a folder to
+    load, optionally with an arm). ``cond_transform`` maps conditioning tokens before sampling (the
+    repair arms; a replica with an arm brings its own); the generator only ever sees the input image,
+    never the ground truth. Oracle metrics are computed after decoding, from the ground-truth files.
+
+    In-process (the default), saving and scoring run in ``workers`` processes
     (:mod:`judge3d.core.parallel`; default ``$JUDGE3D_WORKERS`` or the CPU count), decoding too where
-    the generator allows (:meth:`Generator.decode_jobs`), while this process samples the next
-    batch; rows are identical for any worker count.
+    the generator allows (:meth:`Generator.decode_jobs`), while this process samples the next batch.
+    With ``JUDGE3D_EXECUTOR=ray`` (:mod:`judge3d.core.ray_executor`), each batch is sampled, decoded
+    and scored on a Ray replica of ``gen`` (which must then be a replica), one per GPU. Rows and
+    files are identical either way, for any worker or replica count: batches are cut the same way,
+    every candidate's noise comes from its own seed, and this process writes the rows in job order.
     """
     from judge3d.core.parallel import ordered_map
+    from judge3d.core.ray_executor import use_ray
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / ".partial.jsonl"
-    jobs = [replace(j, budget=j.budget.resolved(gen)) for j in jobs]
     done = {r["candidate"]: r for r in read_jsonl(partial)} if partial.exists() else {}
     todo = [j for j in jobs if j.candidate not in done]
-    t0 = time.time()
-
-    def decoded():
-        for batch in _batches(todo, batch_size):
-            cond = gen.encode_images([load_image(j.image_path) for j in batch])
-            if cond_transform is not None:
-                cond = cond_transform(cond)
-            outputs = gen.sample(cond, batch[0].budget.stages, seed=[j.seed for j in batch])
-            # Decoding runs in the workers too, where the generator allows it (Generator.decode_jobs).
-            decode_jobs = gen.decode_jobs(outputs)
-            if len(decode_jobs) != len(batch):
-                raise RuntimeError(f"{type(gen).__name__}.decode_jobs returned {len(decode_jobs)} jobs for "
-                                   f"{len(batch)} latents")
-            yield from zip(batch, decode_jobs, (pack_outputs(outputs, i) for i in range(len(batch))))
-
+    batches = list(_batches(todo, batch_size))
     score = _CandidateScorer(out_dir, params, set_name, extra or {})
+    t0 = time.time()
+    if use_ray():
+        if not isinstance(gen, GeneratorReplica):
+            raise TypeError("JUDGE3D_EXECUTOR=ray sends a GeneratorReplica (the model folder and its settings) to its "
+                            f"workers, not a loaded {type(gen).__name__}; pass GeneratorReplica(...) to generate_set")
+        if cond_transform is not None:
+            raise ValueError("with a GeneratorReplica, give the arm as its `arm`, not as cond_transform")
+        from judge3d.core.ray_executor import ordered_map as ray_ordered_map
+
+        rows = (row for batch_rows in ray_ordered_map(_SetBatchOnReplica(gen, score), batches,
+                                                      [f"candidates {b[0].candidate}..{b[-1].candidate}" for b in batches],
+                                                      what=gen.describe())
+                for row in batch_rows)
+    else:
+        if isinstance(gen, GeneratorReplica):
+            if cond_transform is not None:
+                raise ValueError("with a GeneratorReplica, give the arm as its `arm`, not as cond_transform")
+            gen, cond_transform = gen.load()
+        rows = ordered_map(score, (item for batch in batches for item in _sample_batch(gen, cond_transform, batch)),
+                           workers)
     with JsonlAppender(partial) as sink, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
                                               desc=f"generate {set_name}".strip()) as bar:
-        for row in ordered_map(score, decoded(), workers):
+        for row in rows:
             sink.append(row)
             done[row["candidate"]] = row
             bar.update(1)
@@ -221,6 +234,34 @@ def generate_set(gen: Generator, jobs: list[Job], out_dir: str | Path, params: d
     print(f"generate {set_name}: {len(todo)} new candidates in {time.time() - t0:.1f} s "
           f"({len(jobs) - len(todo)} resumed)")
     return rows
+
+
+def _sample_batch(gen: Generator, cond_transform: Callable | None, batch: list[Job]) -> list[tuple[Job, Any, dict]]:
+    """Sample one batch (all one budget): (job with the budget resolved for ``gen``, its decode job,
+    its latents) per member. The decode jobs are what the scorer turns into meshes."""
+    batch = [replace(j, budget=j.budget.resolved(gen)) for j in batch]
+    cond = gen.encode_images([load_image(j.image_path) for j in batch])
+    if cond_transform is not None:
+        cond = cond_transform(cond)
+    outputs = gen.sample(cond, batch[0].budget.stages, seed=[j.seed for j in batch])
+    # Decoding runs in the workers too, where the generator allows it (Generator.decode_jobs).
+    decode_jobs = gen.decode_jobs(outputs)
+    if len(decode_jobs) != len(batch):
+        raise RuntimeError(f"{type(gen).__name__}.decode_jobs returned {len(decode_jobs)} jobs for "
+                           f"{len(batch)} latents")
+    return list(zip(batch, decode_jobs, (pack_outputs(outputs, i) for i in range(len(batch)))))
+
+
+@dataclass(frozen=True)
+class _SetBatchOnReplica:
+    """Ray work-item factory: a replica of the generator samples, decodes and scores one batch a call
+    and returns its manifest rows (the files go to the set's folder, as in-process)."""
+    replica: GeneratorReplica
+    score: "_CandidateScorer"
+
+    def __call__(self) -> Callable[[list[Job]], list[dict[str, Any]]]:
+        gen, cond_transform = self.replica.load()
+        return lambda batch: [self.score(item) for item in _sample_batch(gen, cond_transform, batch)]
 
 
 class _CandidateScorer:
