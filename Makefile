@@ -50,9 +50,10 @@ repro: setup
 	dvc repro
 
 # One worker per core, one test file per worker (--dist loadfile): the two end-to-end pipelines, each
-# mostly one core of stage start-ups and DVC bookkeeping, run side by side.
+# mostly one core of stage start-ups and DVC bookkeeping, run side by side. Files are handed out in
+# collection order (--no-loadscope-reorder), which tests/conftest.py starts with those two pipelines.
 test: setup browser
-	$(VENV)/bin/pytest -q -n auto --dist loadfile
+	$(VENV)/bin/pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 verify: setup
 	judge3d verify

@@ -279,6 +279,27 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     subprocess.run(["git", "commit", "-qm", "tiny run"], cwd=first, check=True)
     _sh("dvc push", first)
 
+    # Variants in parallel (README "Variants in parallel"): a queued beta sweep run by two queue workers,
+    # then `dvc exp show`. Each experiment reruns only the beta-dependent stages, and both finish with
+    # their own metrics.
+    for beta in ("0.5", "5"):
+        _sh(f"dvc exp run --queue -S method.beta={beta} -n beta-{beta}", first)
+    _sh("dvc queue start -j 2", first)
+    deadline, status = time.monotonic() + 600, ""
+    while time.monotonic() < deadline:
+        status = _sh("dvc queue status", first)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    _sh("dvc queue stop", first)
+    assert status.count("Success") == 2, status
+    for beta in ("0.5", "5"):
+        log = _sh(f"dvc queue logs beta-{beta}", first)
+        ran = sorted({line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")})
+        assert ran == ["arm-metrics@dpo", "judge-eval@dpo", "report", "train-adapter@dpo"], (beta, ran, log[-2000:])
+    table = _sh("judge3d exp-table beta", first)
+    assert "beta-0.5" in table and "beta-5" in table and "(failed)" not in table, table
+
     # A reviewer: a fresh clone pulls over HTTP (a real server, read-only, on 127.0.0.1) and verifies.
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",

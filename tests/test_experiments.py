@@ -235,3 +235,17 @@ def test_reference_table_puts_the_reference_aware_judge_beside_the_reference_fre
     cells = shown.set_index(shown.columns[0])
     assert cells.loc[:, "prefer-first rate"].str.startswith(("0.500", "0.800")).all()
     assert sorted(cells["headroom severe strict"].str[:5]) == ["0.440", "0.900"]
+
+
+def test_baseline_commits_of_one_run_count_once_in_a_sweep():
+    """`--all-commits`: seed-1 and seed-2 were queued from two commits that rebuilt the same train_seed 0
+    run, and the newest commit holds it too. That run is one row, not three (it would weigh three times in
+    the mean); a commit whose metrics differ (other code) stays a row of its own."""
+    m0, m_other = {DPO: {"strict": 0.4}}, {DPO: {"strict": 0.3}}
+    commit = lambda rev, metrics: X.Experiment(rev, rev, "commit", {"train_seed": 0}, metrics)  # noqa: E731
+    run = lambda name, base, seed: X.Experiment(name, name, "success", {"train_seed": seed},  # noqa: E731
+                                                {DPO: {"strict": 0.1 * seed}}, baseline=base)
+    exps = [commit("main", m0), commit("c2", m0), commit("c1", m0), run("seed-2", "c2", 2), run("seed-1", "c1", 1)]
+    assert [e.name for e in X.select_sweep(exps, "train_seed").rows] == ["main", "seed-1", "seed-2"]
+    exps[2] = commit("c1", m_other)
+    assert [e.name for e in X.select_sweep(exps, "train_seed").rows] == ["c1", "main", "seed-1", "seed-2"]

@@ -283,7 +283,14 @@ def select_sweep(exps: Sequence[Experiment], param: str) -> Selection:
             continue
         (members if exp.finished else left_out).append(exp)
     used = {e.baseline for e in members} | ({head.rev} if head is not None else set())
-    members += [c for c in commits.values() if c.rev in used and c.finished]
+    # Baseline commits with the same params and metrics are one run, counted once (the newest: `dvc exp
+    # show` lists commits newest first), or a seed would weigh as often as it has commits.
+    kept: list[Experiment] = []
+    for commit in commits.values():
+        if commit.rev in used and commit.finished and not any(
+                commit.params == k.params and commit.metrics == k.metrics for k in kept):
+            kept.append(commit)
+    members += kept
     if not any(param in e.params for e in members):
         sample = sorted({k for e in exps for k in e.params})
         raise ExperimentsError(f"sweep param {param!r} is in no experiment's params; "
