@@ -85,9 +85,10 @@ class _Timed:
         return out
 
     def p_first_stream(self, batches, prompt, labels=None):
-        stream = getattr(self.backend, "p_first_stream", None)
-        source = stream(batches, prompt, labels=labels) if stream else (self.backend.p_first(b, prompt) for b in batches)
-        for batch, out in zip(batches, source):
+        from judge3d.judges.protocol import answer_stream
+
+        labels = labels if labels is not None else [f"batch {i}" for i in range(len(batches))]
+        for batch, out in zip(batches, answer_stream(self.backend, batches, prompt, labels)):
             self.arrivals.append((time.perf_counter(), len(batch)))
             yield out
 

@@ -27,14 +27,13 @@ from judge3d.core.ray_executor import (ACTORS_ENV, CPUS_ENV, EXECUTOR_ENV, GPUS_
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray with 2 CPUs, as the executor starts it (pinned numerics and this src/ in its workers)."""
-    from judge3d.core.ray_executor import _connect
+    from judge3d.core.ray_executor import worker_env
 
     saved = {k: os.environ.get(k) for k in (EXECUTOR_ENV, ACTORS_ENV, CPUS_ENV, GPUS_ENV, RETRIES_ENV)}
     os.environ.update({ACTORS_ENV: "2", CPUS_ENV: "1", GPUS_ENV: "0"})
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": __import__("judge3d.core.ray_executor", fromlist=["worker_env"]).worker_env()})
-    _connect()  # already connected: a no-op
+             runtime_env={"env_vars": worker_env()})
     yield
     ray.shutdown()
     for k, v in saved.items():
