@@ -135,7 +135,7 @@ def parent(args) -> None:
     import judge3d
     pkg = Path(judge3d.__file__).parent
     srcs = {f: hashlib.sha256((pkg / f).read_bytes()).hexdigest()[:12]
-            for f in ("numerics.py", "generators/mini.py", "judges/tiny.py")}
+            for f in ("core/numerics.py", "generators/mini.py", "judges/tiny.py")}
     say(f"judge3d code: {pkg} " + " ".join(f"{k}={v}" for k, v in srcs.items()))
     results: dict[str, list[dict]] = {c: [] for c in configs}
     for rep in range(args.repeats):

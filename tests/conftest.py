@@ -2,9 +2,19 @@
 never into the checkout's .judge3d/resume."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from judge3d.core.resume import ENV_VAR
+# Two test workers share the 2 cores, and each runs torch with 2 OpenMP threads (in process, in the
+# pipelines' stages, in Ray replicas). libgomp's default lets an idle thread spin for 300,000 rounds
+# after every parallel region, burning the core the other worker needs: two mini-generator trainings
+# side by side ran at 0.24 it/s each, against 0.68 with passive waiting and 1.3 alone
+# (benchmarks/omp_wait_policy.py). Waiting changes no result (same weights, bit for bit). Set before
+# anything loads torch, and inherited by every stage, `dvc` and Ray process the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+from judge3d.core.resume import ENV_VAR  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -69,9 +69,11 @@ def _clone(src: Path, dest: Path) -> None:
     subprocess.run(["git", "config", "user.name", "judge3d e2e"], cwd=dest, check=True)
 
 
-# One arm of each family: a LoRA arm that trains without judged pairs (sft_clean), a preference arm
-# (dpo: its judge-eval and training are killed and resumed below) and a conditioner repair.
-E2E_ARMS = ("sft_clean", "dpo", "repair_severe")
+# A preference arm (dpo: its judge-eval is killed and resumed below, and a queued beta sweep reruns it)
+# and a conditioner repair (its training is killed and resumed). Each arm costs three stages of a few
+# seconds of fixed cost; a LoRA arm that trains without judged pairs (sft_clean) runs in
+# tests/test_paper_smoke.py on TRELLIS, and every arm kind's loss and training in tests/test_adapt.py.
+E2E_ARMS = ("dpo", "repair_severe")
 
 
 def _keep_arms(clone: Path, arms: tuple[str, ...] = E2E_ARMS) -> None:
@@ -211,19 +213,20 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     assert "Running stage" not in _make("repro", first), "a second make repro re-ran a stage"
     assert "matches" in _make("verify", first)
 
-    # Reproducible on the CPU: forced reruns of trained stages give byte-identical outputs, so DVC
-    # still finds everything downstream up to date.
-    _sh("dvc repro -f -s pretrain-base train-adapter@dpo", first)
+    # Reproducible on the CPU: a forced rerun of the base generator's training gives byte-identical
+    # weights, so DVC still finds everything downstream up to date (the judge and arm trainings are
+    # compared with their uninterrupted runs after the kills below).
+    _sh("dvc repro -f -s pretrain-base", first)
     assert "Data and pipelines are up to date" in _sh("dvc status", first), \
         "a forced rerun changed an output: the pipeline is not deterministic on the CPU"
 
-    # The Ray executor (a local Ray, 2 CPU replicas) reruns a generate stage and an arm's judge-eval
-    # (the arm's generation and its judging) byte for byte: every output hash in dvc.lock is unchanged.
+    # The Ray executor (a local Ray, 2 CPU replicas) reruns an arm's judge-eval (the arm's generation and
+    # its judging, both on the replicas) byte for byte: every output hash in dvc.lock is unchanged. A
+    # generate stage on Ray is compared with in-process generation in tests/test_ray_executor.py.
     if importlib.util.find_spec("ray") is not None:
         lock = (first / "dvc.lock").read_bytes()
-        out = _sh("JUDGE3D_EXECUTOR=ray JUDGE3D_RAY_ACTORS=2 dvc repro -f -s generate@heldout_mild "
-                  "judge-eval@repair_severe", first)
-        assert out.count("ray: ") >= 3, out[-3000:]  # generation twice, judging once, each on 2 replicas
+        out = _sh("JUDGE3D_EXECUTOR=ray JUDGE3D_RAY_ACTORS=2 dvc repro -f -s judge-eval@repair_severe", first)
+        assert out.count("ray: ") >= 2, out[-3000:]  # generation, then judging, each on 2 replicas
         assert (first / "dvc.lock").read_bytes() == lock, "an output differs between the Ray and the in-process run"
 
     # SIGKILL a judging stage once some verdicts are logged; the rerun asks only what was not answered.
@@ -244,7 +247,6 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     assert total == n_queries and logged == 0, line  # DVC deleted the log: nothing was left in it
     assert cached > 0 and asked > 0 and cached + asked == n_queries, line
     assert log.read_bytes() == reference_log, "the resumed verdict log differs from the uninterrupted one"
-    assert "Data and pipelines are up to date" in _sh("dvc status", first), "metrics changed after the resume"
 
     # SIGKILL training stages after their first checkpoint (judge3d.core.training, the one loop); each
     # rerun resumes and ends byte-identical.
@@ -256,7 +258,6 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     assert "resuming training at step" in out, out[-3000:]
     assert _tree_digest(judge_dir) == reference_judge, "the resumed judge differs from the uninterrupted one"
     assert not ckpts.exists(), "the checkpoint was not removed once the judge was saved"
-    assert "Data and pipelines are up to date" in _sh("dvc status", first)
 
     # An arm: the tiny profile's LoRA arms get no swap-consistent training pairs (saved untrained, no
     # loop), so the arm killed is a conditioner repair, which trains 100 steps with a checkpoint every 10.
@@ -272,7 +273,8 @@ def test_tiny_pipeline_kill_resume_push_http_pull_verify(tmp_path):
     assert _tree_digest(arm_dir) == reference_arm, "the resumed arm differs from the uninterrupted one"
     assert arm_metrics.read_bytes() == reference_arm_metrics, "the resumed arm's train metrics differ"
     assert not ckpts.exists(), "the checkpoint was not removed once the arm was saved"
-    assert "Data and pipelines are up to date" in _sh("dvc status", first)
+    # The three resumed stages changed no output (metrics, models, logs): nothing downstream is stale.
+    assert "Data and pipelines are up to date" in _sh("dvc status", first), "an output changed after a resume"
 
     # Publish: commit the lock, params and git-tracked metrics, push the DVC outputs.
     subprocess.run(["git", "add", "-A"], cwd=first, check=True)

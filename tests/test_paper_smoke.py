@@ -21,11 +21,16 @@ import pytest
 from PIL import Image
 
 import trellis_stand_ins as stand_ins
-from test_e2e import E2E_ARMS, REPO, _check, _clone, _keep_arms, _sh, _user_env
+from test_e2e import REPO, _check, _clone, _keep_arms, _sh, _user_env
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(stand_ins.missing_requirement() is not None,
                                  reason=f"{stand_ins.missing_requirement()}: {stand_ins.ENABLE_HINT}")]
+
+
+# A LoRA arm that trains without judged pairs (on the SLat flow) and a conditioner repair (on the
+# conditioning tokens); the preference arms' TRELLIS path is in tests/test_trellis_arms.py.
+PAPER_SMOKE_ARMS = ("sft_clean", "repair_severe")
 
 
 def _trellis_env() -> dict[str, str]:
@@ -47,7 +52,7 @@ def test_paper_smoke_pipeline_end_to_end(tmp_path):
     clone = tmp_path / "clone"
     _clone(REPO, clone)
     _sh("judge3d profile apply paper-smoke", clone)
-    _keep_arms(clone)
+    _keep_arms(clone, PAPER_SMOKE_ARMS)
     out = _make("repro", clone)
     assert "Running stage 'report'" in out
     assert "Data and pipelines are up to date" in _check(subprocess.run(
@@ -75,17 +80,16 @@ def test_paper_smoke_pipeline_end_to_end(tmp_path):
     with safe_open(str(clone / default["latents_path"]), "pt") as latents:
         assert {"ss", "slat.coords", "slat.feats"} <= set(latents.keys())
 
-    # Every arm ran on TRELLIS: LoRA arms on the SLat flow (trained where judged pairs exist: the tiny
-    # judges may keep none, as in the tiny profile), repair arms on the conditioning tokens.
-    for arm in E2E_ARMS:
+    # Every arm ran and trained on TRELLIS: the LoRA arm on the SLat flow, the repair arm on the
+    # conditioning tokens.
+    for arm in PAPER_SMOKE_ARMS:
         train = json.loads((clone / "data" / "arms" / arm / "train_metrics.json").read_text())
         assert (clone / "metrics" / "arms" / f"{arm}.json").is_file(), arm
         assert (clone / "data" / "evals" / arm / "verdicts.jsonl").is_file(), arm
-        if arm == "sft_clean" or arm.startswith("repair"):
-            assert train.get("trained", True), f"{arm} did not train: {train}"
-            before, after = ("feat_mse_before", "feat_mse_after") if arm.startswith("repair") else \
-                ("fm_mse_before", "fm_mse_after")
-            assert train[before] is not None and train[after] is not None, train
+        assert train.get("trained", True), f"{arm} did not train: {train}"
+        before, after = ("feat_mse_before", "feat_mse_after") if arm.startswith("repair") else \
+            ("fm_mse_before", "fm_mse_after")
+        assert train[before] is not None and train[after] is not None, train
     sft_clean = json.loads((clone / "models" / "arms" / "sft_clean" / "adapter_config.json").read_text())
     assert "mlp.0" in sft_clean["target_modules"] or "mlp.0" in str(sft_clean["target_modules"])
     assert (clone / "reports" / "study_table.md").is_file()

@@ -180,9 +180,12 @@ def ordered_map(make: Callable[[], Callable[[Any], Any]], items: Sequence[Any], 
         # pool's restarts (Ray Data's default restarts a replica forever, which would loop on an item
         # that kills its worker every time).
         warnings.simplefilter("ignore", DeprecationWarning)
-        # One block per item: a dead worker costs one item's rerun, and replicas take items one at a time.
+        # One block per item, and one item in flight per replica: a dead worker costs only the item it
+        # was running. With more in flight, Ray Data also failed the item queued on the same replica
+        # before the one that killed it (seen under load), so the gap named the wrong item.
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-            _Replica, fn_constructor_args=(make,), compute=ray.data.ActorPoolStrategy(size=n_actors),
+            _Replica, fn_constructor_args=(make,),
+            compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
             num_gpus=resources.gpus_per_actor or None, num_cpus=resources.cpus_per_actor,
             max_restarts=resources.retries, max_task_retries=resources.retries)
     print(f"ray: {len(rows)} work items over {n_actors} replicas of {what} "
