@@ -7,7 +7,7 @@ import os
 # Two test workers share the 2 cores, and each runs torch with 2 OpenMP threads (in process, in the
 # pipelines' stages, in Ray replicas). libgomp's default lets an idle thread spin for 300,000 rounds
 # after every parallel region, burning the core the other worker needs: two mini-generator trainings
-# side by side ran at 0.24 it/s each, against 0.68 with passive waiting and 1.3 alone
+# side by side ran at 0.16-0.30 it/s each, against 0.77-0.79 with passive waiting and 1.54 alone
 # (benchmarks/omp_wait_policy.py). Waiting changes no result (same weights, bit for bit). Set before
 # anything loads torch, and inherited by every stage, `dvc` and Ray process the tests start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
