@@ -203,12 +203,12 @@ def generate_set(gen: Generator | GeneratorReplica, jobs: list[Job], out_dir: st
     batches = list(_batches(todo, batch_size))
     score = _CandidateScorer(out_dir, params, set_name, extra or {})
     t0 = time.time()
+    if isinstance(gen, GeneratorReplica) and cond_transform is not None:
+        raise ValueError("with a GeneratorReplica, give the arm as its `arm`, not as cond_transform")
     if use_ray():
         if not isinstance(gen, GeneratorReplica):
             raise TypeError("JUDGE3D_EXECUTOR=ray sends a GeneratorReplica (the model folder and its settings) to its "
                             f"workers, not a loaded {type(gen).__name__}; pass GeneratorReplica(...) to generate_set")
-        if cond_transform is not None:
-            raise ValueError("with a GeneratorReplica, give the arm as its `arm`, not as cond_transform")
         from judge3d.core.ray_executor import ordered_map as ray_ordered_map
 
         rows = (row for batch_rows in ray_ordered_map(_SetBatchOnReplica(gen, score), batches,
@@ -217,8 +217,6 @@ def generate_set(gen: Generator | GeneratorReplica, jobs: list[Job], out_dir: st
                 for row in batch_rows)
     else:
         if isinstance(gen, GeneratorReplica):
-            if cond_transform is not None:
-                raise ValueError("with a GeneratorReplica, give the arm as its `arm`, not as cond_transform")
             gen, cond_transform = gen.load()
         rows = ordered_map(score, (item for batch in batches for item in _sample_batch(gen, cond_transform, batch)),
                            workers)
