@@ -12,6 +12,9 @@ variables must be in the environment before torch, MKL and oneDNN initialise:
   IEEE sqrt) instead of the default single-tensor AdamW, whose ``torch.sqrt`` goes through MKL VML
 * ``pinned_cbwr_avx2`` pinned, with the earlier ``MKL_CBWR=AVX2,STRICT`` (differs across CPU vendors)
 
+* ``pinned_cbwr_avx``, ``pinned_cbwr_avx_strict``, ``pinned_cbwr_sse42``: the other MKL branches
+  (faster on AMD, but not the same bits on AMD and Intel: results/numerics_cpu_comparison.txt)
+
 more for investigation (``--configs``): ``native_t1``/``pinned_t1`` (one thread), ``pinned_avx512``
 (the pins, but ATen at AVX-512), ``native_avx2`` (only ``ATEN_CPU_CAPABILITY=avx2``),
 ``pinned_compat`` (``MKL_CBWR=COMPATIBLE``), any config + ``_fused`` (fused AdamW).
@@ -27,13 +30,20 @@ params do), so the speed comparison isolates the ISA pins. Each child:
    attention through ``F.scaled_dot_product_attention``, GELU, LayerNorm) with the flow-matching loss,
    AdamW and gradient clipping, fp32, on seeded random data;
 3. ``qwen``: a tiny Qwen2.5-VL built by ``judge3d.judges.tiny.build_tiny_judge`` (the judges' own
-   builder), trained a few steps on seeded random token/pixel inputs with the two-letter loss.
+   builder), trained a few steps on seeded random token/pixel inputs with the two-letter loss;
+4. with ``--judge-paths qwen2_5_vl,internvl``: each tiny judge trained through ``HFJudge.query_logits``
+   (processor, chat template, padding: the path the training and judging stages use) on seeded random
+   montages, and the hash of its ``p_first`` verdicts.
+
+The op probes also cover numpy and scipy (SIMD loops, OpenBLAS, cKDTree), which build, render and score
+the meshes.
 
 It prints the sha256 of the final weights (and of the initial ones), steps/s, and a table.
 All data come from torch's seeded CPU generator, so numpy's version plays no part.
 
     PYTHONPATH=src python benchmarks/numerics.py [--threads 2] [--configs pinned,native,pinned_nomkldnn]
-        [--repeats 1] [--mini-steps 20] [--qwen-steps 20] [--out benchmarks/results/numerics_cpu_x.txt]
+        [--repeats 1] [--mini-steps 20] [--qwen-steps 20] [--judge-paths qwen2_5_vl,internvl]
+        [--out benchmarks/results/numerics_cpu_x.txt]
 
 Results (AMD EPYC vs Intel Xeon SPR, same torch 2.13.0+cpu): benchmarks/results/numerics_cpu_*.txt.
 """
@@ -62,6 +72,9 @@ DEFAULT_CONFIGS = "native,pinned,pinned_fused,pinned_cbwr_avx2,pinned_nomkldnn"
 PINNED_VARIANTS = {
     "pinned_avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
     "pinned_cbwr_avx2": {"MKL_CBWR": "AVX2,STRICT"},
+    "pinned_cbwr_avx": {"MKL_CBWR": "AVX"},
+    "pinned_cbwr_avx_strict": {"MKL_CBWR": "AVX,STRICT"},
+    "pinned_cbwr_sse42": {"MKL_CBWR": "SSE4_2"},
     "pinned_compat": {"MKL_CBWR": "COMPATIBLE"},
     "pinned_compat_strict": {"MKL_CBWR": "COMPATIBLE,STRICT"},
 }
@@ -111,6 +124,8 @@ def run_child(config: str, args) -> dict:
            "--mini-steps", str(args.mini_steps), "--qwen-steps", str(args.qwen_steps)]
     if args.no_qwen:
         cmd.append("--no-qwen")
+    if args.judge_paths:
+        cmd += ["--judge-paths", args.judge_paths]
     proc = subprocess.run(cmd, env=child_env(config, args.threads), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -173,6 +188,16 @@ def parent(args) -> None:
         stable = all(x["mini"]["final"] == rs[0]["mini"]["final"] and
                      (x.get("qwen") or {}).get("final") == (rs[0].get("qwen") or {}).get("final") for x in rs)
         say(f"{c:16s} {rs[0]['capability']:10s} {cells[0]}  {cells[1]}  {'yes' if stable else 'NO'} ({len(rs)} run(s))")
+    judge_keys = [k for k in first if k.startswith("judge_")]
+    if judge_keys:
+        say("")
+        say("## judge query path (HFJudge.query_logits, letter loss): final weights, p_first verdicts, it/s")
+        for c in configs:
+            for k in judge_keys:
+                rs = results[c]
+                stable = all(x[k]["final"] == rs[0][k]["final"] and x[k]["p_first"] == rs[0][k]["p_first"] for x in rs)
+                say(f"{c:16s} {k:20s} {rs[0][k]['final'][:16]} p_first {rs[0][k]['p_first']} "
+                    f"{max(x[k]['steps_per_s'] for x in rs):7.2f} it/s  {'stable' if stable else 'NOT STABLE'}")
     say("")
     say("## full fingerprints")
     for c in configs:
@@ -276,6 +301,44 @@ def op_probes(torch) -> dict[str, str]:
     opt.step()
     opt.step()
     out["adamw"] = sha(torch.cat([lin.weight.flatten(), lin.bias]))
+    # ops the project writes its log-space maths with, instead of the MKL vector-math ones above
+    zn = -z.abs() - 1e-3                     # strictly negative, like log-probabilities
+    out["log1p"] = sha(torch.log1p(z.abs()))
+    out["expm1"] = sha(torch.expm1(zn))
+    out["log2"] = sha(torch.log2(z.abs() + 1e-3))
+    out["logaddexp"] = sha(torch.logaddexp(z, z.flip(0)))
+    out["logsumexp"] = sha(torch.logsumexp(z[:100000].view(-1, 5), -1))
+    out["log_softmax"] = sha(torch.log_softmax(r(64, 300), -1))
+    out["logsigmoid"] = sha(F.logsigmoid(z))
+    out["softplus"] = sha(F.softplus(z))
+    out["bce_logits"] = sha(F.binary_cross_entropy_with_logits(z, torch.sigmoid(z.flip(0)), reduction="none"))
+    out["xlogy"] = sha(torch.xlogy(z.abs(), z.abs() + 1e-3))
+    pos = torch.arange(4096, dtype=torch.float32)[:, None]
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    out["rope_sin_cos"] = sha(torch.cat([(pos * inv).sin(), (pos * inv).cos()]))
+    out["sin_cos_big"] = sha(torch.cat([torch.sin(z * 1000), torch.cos(z * 1000)]))
+    out["pow_scalar_base"] = sha(torch.pow(10000.0, -z.abs()))
+    # numpy and scipy, which build the world, render and score meshes: their SIMD loops and OpenBLAS
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    zn64 = z.double().numpy()
+    for dt in (np.float32, np.float64):
+        v = zn64.astype(dt)
+        tag = "np" + ("32" if dt == np.float32 else "64")
+        out[f"{tag}_exp"] = sha(torch.from_numpy(np.exp(v)))
+        out[f"{tag}_log"] = sha(torch.from_numpy(np.log(np.abs(v) + 1e-3)))
+        out[f"{tag}_sin_cos"] = sha(torch.from_numpy(np.concatenate([np.sin(v * 7), np.cos(v * 7)])))
+        out[f"{tag}_tanh"] = sha(torch.from_numpy(np.tanh(v)))
+        out[f"{tag}_sqrt"] = sha(torch.from_numpy(np.sqrt(np.abs(v))))
+        m = v[:257 * 129].reshape(257, 129)
+        out[f"{tag}_matmul"] = sha(torch.from_numpy(m @ m.T))
+        out[f"{tag}_small_matmul"] = sha(torch.from_numpy(v[:16].reshape(4, 4) @ v[16:16 + 4 * 999].reshape(4, 999)))
+        out[f"{tag}_sum"] = sha(torch.from_numpy(np.asarray([v.sum(), np.linalg.norm(v), v.mean()])))
+        out[f"{tag}_argsort"] = sha(torch.from_numpy(np.argsort(np.round(v, 1), kind="stable")))
+    pts = zn64[:30000].reshape(10000, 3)
+    dist, idx = cKDTree(pts).query(zn64[30000:36000].reshape(2000, 3) * 1.01)
+    out["scipy_kdtree"] = sha(torch.from_numpy(np.concatenate([dist, idx.astype(np.float64)])))
     out["interp_bilinear_aa"] = sha(F.interpolate(img, size=(48, 48), mode="bilinear", antialias=True,
                                                   align_corners=False))
     return out
@@ -357,6 +420,49 @@ def train_qwen(torch, steps: int, fused: bool = False) -> dict:
     return timed_training(torch, model, opt, data, loss_of, init)
 
 
+def train_judge_path(torch, arch: str, steps: int, fused: bool = True) -> dict:
+    """A tiny judge of ``arch`` trained through the judges' own query path (``HFJudge.query_logits``:
+    the image processor, chat template, padding and forward the training and judging stages use), on
+    seeded random montages, with the letter loss of judges/train.py."""
+    from PIL import Image
+
+    from judge3d.judges.hf import HFJudge, make_image_only_processor
+    from judge3d.judges.tiny import (INTERNVL_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, TinySizes, build_tiny_judge,
+                                     image_seq_length)
+
+    F = torch.nn.functional
+    sizes = TinySizes()
+    model, tok, image_processor = build_tiny_judge(None, arch, sizes, seed=0, save=False)
+    init = weights_sha(model)
+    template = QWEN_CHAT_TEMPLATE if arch == "qwen2_5_vl" else INTERNVL_CHAT_TEMPLATE
+    processor = make_image_only_processor(arch, tok, image_processor, template,
+                                          image_seq_length(sizes) if arch == "internvl" else None)
+    judge = HFJudge(model, processor, name=arch, weights_hash="0" * 64, batch_size=64)
+    g = torch.Generator().manual_seed(11)
+    side = sizes.image_size
+    images = [judge.arch.prepare(Image.fromarray(
+        torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())) for _ in range(12)]
+    target = [judge.answer_ids["A"][0], judge.answer_ids["B"][0]]
+    prompt = "A: <image1> B: <image2> Better 3D shape: A or B?"
+    data = []
+    for _ in range(steps):
+        idx = torch.randperm(12, generator=g)[:8].view(4, 2).tolist()
+        data.append(([tuple(q) for q in idx], torch.randint(0, 2, (4,), generator=g)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=fused or None)
+
+    def loss_of(queries, labels):
+        logits = judge.query_logits(images, queries, prompt)
+        return F.cross_entropy(logits[:, target].float(), labels)
+
+    res = timed_training(torch, model, opt, data, loss_of, init)
+    model.eval()
+    with torch.no_grad():  # the verdict path too: p_first's log-sum-exp over each letter's tokens
+        from judge3d.judges.hf import p_first_from_logits
+        res["p_first"] = sha(p_first_from_logits(judge.query_logits(images, [(0, 1), (1, 0), (2, 3)], prompt),
+                                                 judge.answer_ids))[:16]
+    return res
+
+
 def timed_training(torch, model, opt, data, loss_of, init: str) -> dict:
     """The shared step loop (clip 1.0), timed from step 1 on (step 0 is warm-up: allocations, oneDNN JIT)."""
     model.train()
@@ -385,7 +491,11 @@ def child(args) -> None:
     base = config.removesuffix("_fused")          # "<config>_fused": the same, with AdamW(fused=True)
     if config.startswith("pinned"):
         pin_cpu_numerics()
-        os.environ.update(PINNED_VARIANTS.get(base, {}))
+        for key, value in PINNED_VARIANTS.get(base, {}).items():  # "" removes the variable
+            if value:
+                os.environ[key] = value
+            else:
+                os.environ.pop(key, None)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -405,6 +515,8 @@ def child(args) -> None:
     res["adamw_fused"] = fused
     res["mini"] = train_mini(torch, args.mini_steps, fused)
     res["qwen"] = None if args.no_qwen else train_qwen(torch, args.qwen_steps, fused)
+    for arch in filter(None, args.judge_paths.split(",")):
+        res[f"judge_{arch}"] = train_judge_path(torch, arch, args.qwen_steps, fused)
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -416,6 +528,8 @@ def main() -> None:
     ap.add_argument("--mini-steps", type=int, default=20)
     ap.add_argument("--qwen-steps", type=int, default=20)
     ap.add_argument("--no-qwen", action="store_true")
+    ap.add_argument("--judge-paths", default="",
+                    help="also train tiny judges of these archs (qwen2_5_vl,internvl) through HFJudge's query path")
     ap.add_argument("--out", default="")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
