@@ -41,6 +41,7 @@ CONFIGS: dict[str, tuple[dict, str | None]] = {
     "baseline": ({}, None),
     "steps1500": ({"judges.training.steps": 1500}, None),
     "steps3000": ({"judges.training.steps": 3000}, None),
+    "steps5000": ({"judges.training.steps": 5000}, None),
     "img224": ({"judges.tiny.*.image_size": 224}, "256"),
     "img224_steps1500": ({"judges.tiny.*.image_size": 224, "judges.training.steps": 1500}, "256"),
     "wide_steps1500": ({"judges.tiny.*.lm.hidden": 384, "judges.tiny.*.lm.intermediate": 1024,
