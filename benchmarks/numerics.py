@@ -344,21 +344,18 @@ def op_probes(torch) -> dict[str, str]:
     return out
 
 
-def train_mini(torch, steps: int, fused: bool = False) -> dict:
+def mini_problem(torch, steps: int):
+    """The project's mini generator (default sizes: 64 px ViT, 32^3 grid DiT) as one module, ``steps``
+    seeded batches, and its flow-matching loss."""
     from judge3d.generators.mini import ConditionerConfig, FlowConfig, FlowDiT, ImageConditioner
 
     F = torch.nn.functional
     torch.manual_seed(0)
-    ccfg = ConditionerConfig()                 # the project's default sizes (64 px ViT, 32^3 grid DiT)
+    ccfg = ConditionerConfig()
     fcfg = FlowConfig()
     cond_net = ImageConditioner(ccfg)
     flow = FlowDiT(fcfg, context_dim=ccfg.width)
     model = torch.nn.ModuleDict({"cond": cond_net, "flow": flow})
-    init = weights_sha(model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99), fused=fused or None)
     g = torch.Generator().manual_seed(42)
     batch = 8
     data = []
@@ -369,22 +366,34 @@ def train_mini(torch, steps: int, fused: bool = False) -> dict:
         t = torch.sigmoid(torch.randn(batch, generator=g))
         noise = torch.randn(*grid, generator=g)
         data.append((images, x0, t, noise))
+
     def loss_of(images, x0, t, noise):
         tt = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - (1 - flow.sigma_min) * tt) * x0 + tt * noise
         target = noise - (1 - flow.sigma_min) * x0
         return F.mse_loss(flow(x_t, t, cond_net(images)), target)
 
+    return model, data, loss_of
+
+
+def train_mini(torch, steps: int, fused: bool = False) -> dict:
+    model, data, loss_of = mini_problem(torch, steps)
+    init = weights_sha(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99), fused=fused or None)
     return timed_training(torch, model, opt, data, loss_of, init)
 
 
-def train_qwen(torch, steps: int, fused: bool = False) -> dict:
+def qwen_problem(torch, steps: int):
+    """The project's default tiny Qwen2.5-VL (112 px, 3+3 layers), ``steps`` seeded batches of token and
+    pixel inputs (two images per query), and the two-letter loss."""
     from judge3d.judges.tiny import TinySizes, build_tiny_judge
 
     F = torch.nn.functional
-    sizes = TinySizes()                       # the project's default tiny judge (112 px, 3+3 layers)
+    sizes = TinySizes()
     model, tok, _ = build_tiny_judge(None, "qwen2_5_vl", sizes, seed=0, save=False)
-    init = weights_sha(model)
     ids = tok.convert_tokens_to_ids
     patch, merge, tp = sizes.vision.patch, 2, 2
     side = sizes.image_size // patch                      # patches per side
@@ -411,12 +420,19 @@ def train_qwen(torch, steps: int, fused: bool = False) -> dict:
         labels = torch.randint(0, 2, (batch,), generator=g)
         data.append((input_ids, pixels, grid, labels))
     target = [ids("A"), ids("B")]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=fused or None)
+
     def loss_of(input_ids, pixels, grid, labels):
         out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
                     image_grid_thw=grid)
         return F.cross_entropy(out.logits[:, -1, target].float(), labels)
 
+    return model, data, loss_of
+
+
+def train_qwen(torch, steps: int, fused: bool = False) -> dict:
+    model, data, loss_of = qwen_problem(torch, steps)
+    init = weights_sha(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=fused or None)
     return timed_training(torch, model, opt, data, loss_of, init)
 
 
@@ -426,18 +442,15 @@ def train_judge_path(torch, arch: str, steps: int, fused: bool = True) -> dict:
     seeded random montages, with the letter loss of judges/train.py."""
     from PIL import Image
 
-    from judge3d.judges.hf import HFJudge, make_image_only_processor
-    from judge3d.judges.tiny import (INTERNVL_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, TinySizes, build_tiny_judge,
-                                     image_seq_length)
+    from judge3d.judges.hf import p_first_from_logits
+    from judge3d.judges.tiny import TinySizes
+    from judge3d.judges.train import new_tiny_judge
 
     F = torch.nn.functional
     sizes = TinySizes()
-    model, tok, image_processor = build_tiny_judge(None, arch, sizes, seed=0, save=False)
+    judge, _, _ = new_tiny_judge(arch, sizes, seed=0, name=arch)
+    model = judge.model
     init = weights_sha(model)
-    template = QWEN_CHAT_TEMPLATE if arch == "qwen2_5_vl" else INTERNVL_CHAT_TEMPLATE
-    processor = make_image_only_processor(arch, tok, image_processor, template,
-                                          image_seq_length(sizes) if arch == "internvl" else None)
-    judge = HFJudge(model, processor, name=arch, weights_hash="0" * 64, batch_size=64)
     g = torch.Generator().manual_seed(11)
     side = sizes.image_size
     images = [judge.arch.prepare(Image.fromarray(
@@ -457,7 +470,6 @@ def train_judge_path(torch, arch: str, steps: int, fused: bool = True) -> dict:
     res = timed_training(torch, model, opt, data, loss_of, init)
     model.eval()
     with torch.no_grad():  # the verdict path too: p_first's log-sum-exp over each letter's tokens
-        from judge3d.judges.hf import p_first_from_logits
         res["p_first"] = sha(p_first_from_logits(judge.query_logits(images, [(0, 1), (1, 0), (2, 3)], prompt),
                                                  judge.answer_ids))[:16]
     return res
@@ -491,11 +503,7 @@ def child(args) -> None:
     base = config.removesuffix("_fused")          # "<config>_fused": the same, with AdamW(fused=True)
     if config.startswith("pinned"):
         pin_cpu_numerics()
-        for key, value in PINNED_VARIANTS.get(base, {}).items():  # "" removes the variable
-            if value:
-                os.environ[key] = value
-            else:
-                os.environ.pop(key, None)
+        os.environ.update(PINNED_VARIANTS.get(base, {}))
     import torch
 
     torch.set_num_threads(args.threads)

@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "src") not in sys.path:
-    sys.path.append(str(REPO / "src"))
+for path in (REPO / "src", REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.append(str(path))
 
 
 def main() -> None:
@@ -30,8 +31,7 @@ def main() -> None:
         os.environ["MKL_CBWR"] = sys.argv[2]
     import torch
 
-    from judge3d.generators.mini import ConditionerConfig, FlowConfig, FlowDiT, ImageConditioner
-    from judge3d.judges.tiny import TinySizes, build_tiny_judge
+    from numerics import mini_problem, qwen_problem  # benchmarks/numerics.py: the same models and data
 
     torch.set_num_threads(2)
 
@@ -60,9 +60,8 @@ def main() -> None:
     out["linear_1row"] = sha(torch.nn.functional.linear(r(1, 64), w, bias))
     out["linear_T_in"] = sha(torch.nn.functional.linear(r(64, 37).t(), w, bias))
 
-    # tiny Qwen2.5-VL: every module's first output in one forward (the benchmark's first qwen batch)
-    sizes = TinySizes()
-    model, tok, _ = build_tiny_judge(None, "qwen2_5_vl", sizes, seed=0, save=False)
+    # tiny Qwen2.5-VL: every module's first output in one forward of numerics.py's first qwen batch
+    model, data, loss_of = qwen_problem(torch, 1)
     seen: dict[str, str] = {}
 
     def hook(name):
@@ -74,42 +73,16 @@ def main() -> None:
         return record
 
     handles = [m.register_forward_hook(hook(f"qwen2_5_vl.{n}")) for n, m in model.named_modules() if n]
-    ids = tok.convert_tokens_to_ids
-    side = sizes.image_size // sizes.vision.patch
-    gq = torch.Generator().manual_seed(7)
-
-    def text(n):
-        return torch.randint(1, 257, (n,), generator=gq).tolist()
-
-    def one_image():
-        return [ids("<|vision_start|>")] + [ids("<|image_pad|>")] * (side * side // 4) + [ids("<|vision_end|>")]
-
-    seqs = [[ids("<|im_start|>")] + text(6) + one_image() + one_image() + text(10)
-            + [ids("<|im_end|>"), ids("<|im_start|>")] + text(3) for _ in range(4)]
-    input_ids = torch.tensor(seqs)
-    pixels = torch.randn(4 * 2 * side * side, 3 * 2 * sizes.vision.patch ** 2, generator=gq)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
-                       image_grid_thw=torch.tensor([[1, side, side]] * 8)).logits
+        loss_of(*data[0])
     for h in handles:
         h.remove()
-    out["qwen2_5_vl.logits"] = sha(logits)
     out.update(seen)
 
-    # mini generator: every parameter's gradient after one flow-matching backward
-    torch.manual_seed(0)
-    ccfg, fcfg = ConditionerConfig(), FlowConfig()
-    cond_net, flow = ImageConditioner(ccfg), FlowDiT(fcfg, context_dim=ccfg.width)
-    gm = torch.Generator().manual_seed(42)
-    images = torch.rand(8, 3, ccfg.image_size, ccfg.image_size, generator=gm) * 2 - 1
-    x0 = (torch.rand(8, 1, *(fcfg.resolution,) * 3, generator=gm) > 0.6).float() * 2 - 1
-    t = torch.sigmoid(torch.randn(8, generator=gm))
-    noise = torch.randn(x0.shape, generator=gm)
-    tt = t.view(-1, 1, 1, 1, 1)
-    x_t = (1 - (1 - flow.sigma_min) * tt) * x0 + tt * noise
-    loss = torch.nn.functional.mse_loss(flow(x_t, t, cond_net(images)), noise - (1 - flow.sigma_min) * x0)
-    loss.backward()
-    for n, p in [*cond_net.named_parameters(), *flow.named_parameters()]:
+    # mini generator: every parameter's gradient after one backward of numerics.py's first mini batch
+    model, data, loss_of = mini_problem(torch, 1)
+    loss_of(*data[0]).backward()
+    for n, p in model.named_parameters():
         out[f"mini.grad.{n}"] = sha(p.grad)
     Path(sys.argv[1]).write_text(json.dumps(out, indent=0, sort_keys=True))
     print(f"wrote {len(out)} hashes to {sys.argv[1]}")

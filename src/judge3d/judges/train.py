@@ -194,6 +194,21 @@ def check_not_degenerate(metrics: dict[str, Any], cfg: TrainConfig, name: str) -
             "inject bias by hand.")
 
 
+def new_tiny_judge(arch: str, sizes, *, seed: int, name: str, device: str = "cpu"):
+    """A random-init tiny judge of ``arch`` behind :class:`HFJudge`, the query path the judging stages use
+    (image processor, chat template, padding); with its tokenizer and image processor, for saving.
+    Nothing is written to disk."""
+    from judge3d.judges.hf import HFJudge, make_image_only_processor
+    from judge3d.judges.tiny import INTERNVL_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_judge, image_seq_length
+
+    model, tok, image_processor = build_tiny_judge(None, arch, sizes, seed=seed, save=False)
+    model.to(device)
+    template = QWEN_CHAT_TEMPLATE if arch == "qwen2_5_vl" else INTERNVL_CHAT_TEMPLATE
+    processor = make_image_only_processor(arch, tok, image_processor, template,
+                                          image_seq_length(sizes) if arch == "internvl" else None)
+    return HFJudge(model, processor, name=name, weights_hash="0" * 64, batch_size=64), tok, image_processor
+
+
 def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir: str | Path, prompt: str,
                 cfg: TrainConfig, *, name: str, live=None, root: str | Path = ".", device: str = "cpu",
                 save: bool = True, extra_train_candidates: Sequence[dict[str, Any]] = (),
@@ -211,9 +226,8 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
 
     from judge3d.core.training import Checkpointing, cosine_schedule, train
 
-    from judge3d.judges.hf import HFJudge, make_image_only_processor, open_image
-    from judge3d.judges.tiny import (INTERNVL_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_judge,
-                                     image_seq_length, save_tiny_judge)
+    from judge3d.judges.hf import HFJudge, open_image
+    from judge3d.judges.tiny import save_tiny_judge
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -238,12 +252,8 @@ def train_judge(arch: str, sizes, candidates: Sequence[dict[str, Any]], out_dir:
         raise ValueError(f"{name}: only {len(train_pairs)} labelled training pairs (need >= batch size "
                          f"{cfg.batch_size}); give the judge more candidates per object or lower judges.training.margin.")
 
-    model, tok, image_processor = build_tiny_judge(out_dir, arch, sizes, seed=cfg.seed, save=False)
-    model.to(device)
-    template = QWEN_CHAT_TEMPLATE if arch == "qwen2_5_vl" else INTERNVL_CHAT_TEMPLATE
-    processor = make_image_only_processor(arch, tok, image_processor, template,
-                                          image_seq_length(sizes) if arch == "internvl" else None)
-    judge = HFJudge(model, processor, name=name, weights_hash="0" * 64, batch_size=64)
+    judge, tok, image_processor = new_tiny_judge(arch, sizes, seed=cfg.seed, name=name, device=device)
+    model = judge.model
     target = {letter: ids[0] for letter, ids in judge.answer_ids.items()}  # the bare letter, as the template answers
 
     paths = sorted({p[k] for p in pairs for k in ("better", "worse")})
